@@ -1,0 +1,161 @@
+"""Settings for every stage of the flow, in one object with nested groups.
+
+Sources, in increasing priority: defaults (the embedded, no-set-up configuration), an optional
+``.env`` file, environment variables prefixed ``MEDAGENT_`` with groups split by ``__``
+(``MEDAGENT_DB__URL``), and CLI flags (applied by the CLI as overrides). Settings are built by
+:func:`get_settings`, never at import, so tests construct their own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from agent.errors import ConfigError
+
+#: The repository root (the package is installed editable; fixtures and migrations live beside it).
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_FIXTURES = PROJECT_ROOT / "fixtures"
+DEFAULT_DATA_DIR = Path(".medagent")
+
+
+class FhirSettings(BaseModel):
+    """Where patient history comes from: a FHIR R4 server, or a folder of bundles."""
+
+    base_url: str | None = Field(None, description="FHIR R4 base URL; wins over bundle_dir when set.")
+    bundle_dir: Path | None = Field(None, description="Folder of FHIR bundles (the embedded default).")
+    timeout_s: float = 30.0
+    username: str | None = None
+    password: SecretStr | None = None
+    bearer_token: SecretStr | None = None
+    max_pages: int = Field(50, description="Upper bound on `next` links followed per search.")
+
+    def effective_bundle_dir(self) -> Path:
+        """Return the bundle folder to use when no server URL is configured."""
+        return self.bundle_dir or DEFAULT_FIXTURES / "fhir"
+
+
+class DicomSettings(BaseModel):
+    """Where images come from: a DICOMweb server, or a folder of DICOM files."""
+
+    dicomweb_url: str | None = Field(None, description="DICOMweb root; wins over dicom_dir when set.")
+    dicom_dir: Path | None = Field(None, description="Folder of DICOM files (the embedded default).")
+    timeout_s: float = 30.0
+    username: str | None = None
+    password: SecretStr | None = None
+    bearer_token: SecretStr | None = None
+    max_instances: int = Field(4, description="Images of one study sent on to the models.")
+
+    def effective_dicom_dir(self) -> Path:
+        """Return the DICOM folder to use when no DICOMweb URL is configured."""
+        return self.dicom_dir or DEFAULT_FIXTURES / "dicom"
+
+
+class ModelSettings(BaseModel):
+    """Which checkpoints to load and how."""
+
+    medgemma: str = Field("google/medgemma-4b-it", description="Hub id or local folder.")
+    medsiglip: str = Field("google/medsiglip-448", description="Hub id or local folder.")
+    test_models_dir: Path = Field(
+        DEFAULT_DATA_DIR / "test-models",
+        description="Where tiny random-weight models are built when real weights are missing.",
+    )
+    use_test_models: bool = Field(False, description="Force the tiny random-weight models.")
+    fallback_to_test_models: bool = Field(
+        False, description="Use tiny models (with a banner) when real weights are missing."
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_new_tokens: int = Field(256, ge=1, le=8192)
+
+
+class DbSettings(BaseModel):
+    """The trace database."""
+
+    url: SecretStr = Field(
+        SecretStr(f"sqlite:///{DEFAULT_DATA_DIR / 'medagent.db'}"),
+        description="SQLAlchemy URL; secret because it may hold a password.",
+    )
+    auto_migrate: bool = Field(True, description="Apply migrations before the first run (dev only).")
+
+
+class ServiceSettings(BaseModel):
+    """The HTTP API."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+class Settings(BaseSettings):
+    """The effective configuration of one process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MEDAGENT_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+    )
+
+    environment: Literal["dev", "prod"] = "dev"
+    fhir: FhirSettings = FhirSettings()
+    dicom: DicomSettings = DicomSettings()
+    models: ModelSettings = ModelSettings()
+    db: DbSettings = DbSettings()
+    service: ServiceSettings = ServiceSettings()
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Settings:
+        if self.environment == "prod":
+            if self.models.use_test_models or self.models.fallback_to_test_models:
+                raise ValueError("test models are refused when environment=prod")
+            if self.db.url.get_secret_value().startswith("sqlite"):
+                raise ValueError("environment=prod needs a server database, not SQLite")
+        return self
+
+    def masked(self) -> dict[str, Any]:
+        """Return the settings as plain data with every secret replaced by ``**********``."""
+        data = self.model_dump(mode="json")
+        url = self.db.url.get_secret_value()
+        data["db"]["url"] = _mask_url_password(url)
+        return data
+
+
+def _mask_url_password(url: str) -> str:
+    """Hide the password in a database URL but keep the rest readable."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "**********"
+
+
+def get_settings(**overrides: Any) -> Settings:
+    """Build settings from defaults, ``.env`` and the environment, then apply overrides.
+
+    Args:
+        **overrides: values for top-level groups, e.g. ``fhir={"base_url": ...}``; nested
+            dicts are merged into the group rather than replacing it.
+
+    Raises:
+        ConfigError: when the result is invalid.
+    """
+    try:
+        base = Settings()
+        if not overrides:
+            return base
+        merged = base.model_dump()
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key].update({k: v for k, v in value.items() if v is not None})
+            elif value is not None:
+                merged[key] = value
+        return Settings.model_validate(merged)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"invalid settings: {exc}") from exc

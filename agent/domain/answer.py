@@ -1,0 +1,26 @@
+"""What a run returns: the answer, the sources the model saw and the citations it made."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class Citation(BaseModel):
+    """One ``[Type/id]`` the model wrote, and whether it names a resource fetched in this run."""
+
+    reference: str
+    valid: bool
+
+
+class AskResult(BaseModel):
+    """The outcome of one ``ask`` run, as printed by the CLI and returned by the API."""
+
+    run_id: str
+    status: str = Field(description="'ok' or 'failed'")
+    answer: str = Field("", description="The answer shown to the user, dangling citations removed.")
+    sources: list[str] = Field(default_factory=list, description="'Type/id' of each resource in the context")
+    citations: list[Citation] = Field(default_factory=list)
+    findings: list[dict[str, object]] = Field(default_factory=list)
+    models: dict[str, str] = Field(default_factory=dict, description="Role -> model id actually used")
+    test_models: bool = Field(False, description="True when tiny random-weight models were used.")
+    error: dict[str, object] | None = None

@@ -1,0 +1,40 @@
+"""Images ready for a model, and what the models said about them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from PIL import Image
+from pydantic import BaseModel
+
+from agent.domain.refs import InstanceRef
+
+
+@dataclass
+class PreparedImage:
+    """A DICOM instance turned into a square 8-bit RGB picture, with how it was made.
+
+    ``steps`` lists what pixel preparation did (``"rescale slope=1 intercept=-1024"``,
+    ``"window c=40 w=400"``, ``"invert MONOCHROME1"``, ``"pad to 512x512"``) and ``defaults``
+    every default applied because a tag was missing, so the trace can show both.
+    """
+
+    ref: InstanceRef
+    image: Image.Image
+    steps: list[str] = field(default_factory=list)
+    defaults: list[str] = field(default_factory=list)
+
+
+class LabelScore(BaseModel):
+    """A zero-shot score for one label on one image."""
+
+    label: str
+    score: float
+
+
+class Finding(BaseModel):
+    """The zero-shot scores of one image."""
+
+    image: InstanceRef
+    model_id: str
+    scores: list[LabelScore]

@@ -1,0 +1,53 @@
+"""References to the things a run reads: FHIR resources and DICOM instances.
+
+A :class:`ResourceRef` renders as ``[Type/id]``, the citation form the model is asked to use and
+the citation checker verifies.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class ResourceRef(BaseModel):
+    """A FHIR resource a fact came from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    resource_type: str
+    id: str
+    version: str | None = None
+
+    @property
+    def reference(self) -> str:
+        """Return ``Type/id``, the FHIR relative reference."""
+        return f"{self.resource_type}/{self.id}"
+
+    @property
+    def tag(self) -> str:
+        """Return ``[Type/id]``, the form used in context lines and citations."""
+        return f"[{self.reference}]"
+
+    @classmethod
+    def of(cls, resource: dict[str, object]) -> ResourceRef:
+        """Build the reference of a raw FHIR resource (its meta.versionId when present)."""
+        meta = resource.get("meta")
+        version = meta.get("versionId") if isinstance(meta, dict) else None
+        return cls(
+            resource_type=str(resource["resourceType"]),
+            id=str(resource["id"]),
+            version=str(version) if version is not None else None,
+        )
+
+
+class InstanceRef(BaseModel):
+    """One DICOM instance, by its three UIDs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    modality: str | None = None
+    view_position: str | None = None
+    instance_number: int | None = None

@@ -1,0 +1,1 @@
+"""Model adapters: MedSigLIP (image findings) and MedGemma (reasoning)."""

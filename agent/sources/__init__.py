@@ -1,0 +1,1 @@
+"""Data sources: FHIR (HTTP server or bundle folder) and DICOM (DICOMweb or file folder)."""

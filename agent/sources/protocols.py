@@ -1,0 +1,56 @@
+"""The two source interfaces the graph depends on.
+
+Each has a real HTTP implementation (any FHIR R4 server; any DICOMweb server) and a local-folder
+implementation (the embedded default). Every call reports to the run's
+:class:`~agent.domain.events.AccessObserver`, including calls that fail.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from pydicom.dataset import Dataset
+
+from agent.domain.refs import InstanceRef
+
+
+class FhirSource(Protocol):
+    """Read and search FHIR R4 resources (raw JSON dicts)."""
+
+    async def read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
+        """Return one resource.
+
+        Raises:
+            PatientNotFoundError: for a missing Patient (other types: SourceUnavailableError with 404).
+            SourceUnavailableError: server unreachable, timed out or answered an error.
+            InvalidResourceError: the body is not a FHIR resource of that type.
+        """
+        ...
+
+    async def search(self, resource_type: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        """Return every matching resource, following `next` links (bounded by settings)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...
+
+
+class DicomSource(Protocol):
+    """Find and fetch the DICOM instances of a study."""
+
+    async def list_instances(self, study_uid: str) -> list[InstanceRef]:
+        """Return the instances of a study (with modality and view position when known).
+
+        Raises:
+            SourceUnavailableError: server unreachable or error; or the study is not found.
+        """
+        ...
+
+    async def retrieve(self, ref: InstanceRef) -> Dataset:
+        """Return one instance with its pixel data (not yet decoded)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...
