@@ -96,3 +96,19 @@ class RunNotFoundError(MedagentError):
     code = "run_not_found"
     exit_code = 3
     http_status = 404
+
+
+class InternalError(MedagentError):
+    """An unexpected failure inside medagent (a bug); details are in the server log, not here."""
+
+    code = "internal_error"
+    exit_code = 70
+    http_status = 500
+
+
+class RunCancelledError(MedagentError):
+    """The run was cancelled (Ctrl-C, client gone, or a limit reached)."""
+
+    code = "cancelled"
+    exit_code = 130
+    http_status = 499

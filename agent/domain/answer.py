@@ -23,4 +23,5 @@ class AskResult(BaseModel):
     findings: list[dict[str, object]] = Field(default_factory=list)
     models: dict[str, str] = Field(default_factory=dict, description="Role -> model id actually used")
     test_models: bool = Field(False, description="True when tiny random-weight models were used.")
+    warnings: list[str] = Field(default_factory=list, description="Non-fatal problems, e.g. a skipped image.")
     error: dict[str, object] | None = None

@@ -1,0 +1,1 @@
+"""The run trace: SQL tables, the recorder every stage writes through, and readers."""

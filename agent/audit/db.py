@@ -1,0 +1,98 @@
+"""Database engines and migrations for the trace.
+
+The schema is created only by Alembic migrations (``medagent db upgrade``); code never calls
+``create_all``. Before a run, :func:`ensure_schema` either applies migrations (dev, when
+``auto_migrate`` is on) or refuses to start against an out-of-date database.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+from agent.config import PROJECT_ROOT
+from agent.errors import AuditError
+
+MIGRATIONS_DIR = PROJECT_ROOT / "alembic"
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine; for SQLite, create the file's folder and enforce foreign keys."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def alembic_config(url: str) -> Config:
+    """Build an Alembic config pointing at the project's migrations and the given database."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Apply migrations up to ``revision``.
+
+    Raises:
+        AuditError: when the database cannot be reached or a migration fails.
+    """
+    try:
+        make_engine(url).dispose()  # creates the SQLite folder
+        command.upgrade(alembic_config(url), revision)
+    except Exception as exc:
+        raise AuditError(f"database migration failed: {type(exc).__name__}: {_safe(exc)}") from exc
+
+
+def current_revision(engine: Engine) -> str | None:
+    """Return the database's migration revision (None when never migrated)."""
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision() -> str | None:
+    """Return the newest migration revision of this code."""
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def ensure_schema(engine: Engine, *, auto_migrate: bool) -> None:
+    """Make sure the trace schema is current before a run writes to it (fail closed).
+
+    Raises:
+        AuditError: database unreachable, or not migrated and auto-migration is off.
+    """
+    try:
+        current = current_revision(engine)
+    except Exception as exc:
+        raise AuditError(f"trace database unreachable: {type(exc).__name__}: {_safe(exc)}") from exc
+    if current == head_revision():
+        return
+    if not auto_migrate:
+        raise AuditError(
+            f"trace database is at revision {current or 'none'}, code needs {head_revision()}: "
+            "run `medagent db upgrade`"
+        )
+    upgrade(engine.url.render_as_string(hide_password=False))
+
+
+def _safe(exc: Exception) -> str:
+    """Return the first line of an exception message (driver messages can be long)."""
+    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""

@@ -1,0 +1,339 @@
+"""The ``medagent`` command line: demo, ask, audit, serve, db, config.
+
+Errors map to exit codes through the error hierarchy (agent/errors.py); messages are the safe,
+user-facing ones. With ``--json`` the command prints exactly one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from agent.config import DEFAULT_FIXTURES, Settings, get_settings
+from agent.domain.answer import AskResult
+from agent.errors import ConfigError, MedagentError
+
+app = typer.Typer(help="medagent: an auditable clinical agent over FHIR R4 and DICOM.", no_args_is_help=True)
+audit_app = typer.Typer(help="Review run traces.", no_args_is_help=True)
+db_app = typer.Typer(help="Trace database maintenance.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect settings.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+app.add_typer(db_app, name="db")
+app.add_typer(config_app, name="config")
+
+DEMO_QUESTION = (
+    "What are this patient's active problems and current medications, how have the heart-failure "
+    "markers changed, and what does the most recent chest X-ray show?"
+)
+
+FhirOpt = Annotated[str | None, typer.Option("--fhir", help="FHIR R4 base URL.")]
+FhirDirOpt = Annotated[Path | None, typer.Option("--fhir-dir", help="Folder of FHIR bundles.")]
+DicomWebOpt = Annotated[str | None, typer.Option("--dicomweb", help="DICOMweb root URL.")]
+DicomDirOpt = Annotated[Path | None, typer.Option("--dicom-dir", help="Folder of DICOM files.")]
+DbOpt = Annotated[str | None, typer.Option("--db", help="Trace database URL (SQLAlchemy).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+TestModelsOpt = Annotated[bool, typer.Option("--test-models", help="Force the tiny random-weight models.")]
+
+
+def _settings(
+    *,
+    fhir: str | None = None,
+    fhir_dir: Path | None = None,
+    dicomweb: str | None = None,
+    dicom_dir: Path | None = None,
+    db: str | None = None,
+    test_models: bool = False,
+    fallback: bool | None = None,
+) -> Settings:
+    """Build settings from env/.env, then apply the command line's flags on top."""
+    if fhir and fhir_dir:
+        raise ConfigError("give either --fhir or --fhir-dir, not both")
+    if dicomweb and dicom_dir:
+        raise ConfigError("give either --dicomweb or --dicom-dir, not both")
+    base = get_settings()
+    fhir_group: dict[str, Any] = {}
+    if fhir:
+        fhir_group = {"base_url": fhir}
+    elif fhir_dir:
+        fhir_group = {"bundle_dir": fhir_dir, "base_url": None}
+    dicom_group: dict[str, Any] = {}
+    if dicomweb:
+        dicom_group = {"dicomweb_url": dicomweb}
+    elif dicom_dir:
+        dicom_group = {"dicom_dir": dicom_dir, "dicomweb_url": None}
+    models_group: dict[str, Any] = {}
+    if test_models:
+        models_group["use_test_models"] = True
+    if fallback is not None:
+        models_group["fallback_to_test_models"] = fallback
+    merged = base.model_dump()
+    merged["fhir"].update(fhir_group)
+    merged["dicom"].update(dicom_group)
+    merged["models"].update(models_group)
+    if db:
+        merged["db"]["url"] = db
+    try:
+        return Settings.model_validate(merged)
+    except Exception as exc:
+        raise ConfigError(f"invalid settings: {exc}") from exc
+
+
+def _fail(exc: MedagentError, *, as_json: bool) -> None:
+    run_id = exc.details.get("run_id")
+    if as_json:
+        typer.echo(json.dumps({"status": "failed", "run_id": run_id, "error": exc.to_dict()}))
+    else:
+        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+        if run_id:
+            typer.echo(f"run id: {run_id}   (see: medagent audit show {run_id})", err=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def _print_result(result: AskResult, *, banner: str | None) -> None:
+    if banner:
+        typer.echo(banner)
+        typer.echo("")
+    typer.echo("Answer:")
+    typer.echo("  " + (result.answer or "(empty)").replace("\n", "\n  "))
+    typer.echo("")
+    typer.echo(f"Sources given to the model ({len(result.sources)}):")
+    for source in result.sources:
+        typer.echo(f"  [{source}]")
+    typer.echo("")
+    typer.echo(f"Citations made by the model ({len(result.citations)}):")
+    if not result.citations:
+        typer.echo("  (none)")
+    for citation in result.citations:
+        mark = "ok      " if citation.valid else "DANGLING"
+        note = "" if citation.valid else "  (not among the sources: removed from the answer)"
+        typer.echo(f"  {mark} [{citation.reference}]{note}")
+    if result.findings:
+        typer.echo("")
+        typer.echo("Image findings (MedSigLIP zero-shot, 0..1):")
+        for finding in result.findings:
+            image: Any = finding["image"]
+            scores: Any = finding["scores"]
+            top = ", ".join(f"{s['label']} {s['score']:.2f}" for s in sorted(scores, key=lambda s: -s["score"])[:3])
+            typer.echo(f"  {image.get('modality')} {image.get('view_position') or ''} {image['sop_instance_uid']}: {top}")
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo("")
+    typer.echo(f"Run id: {result.run_id}   (medagent audit show {result.run_id})")
+
+
+def _test_model_banner(result: AskResult, banner: str | None) -> str | None:
+    if not result.test_models:
+        return None
+    rule = "=" * 78
+    text = banner or "Using tiny random-weight TEST MODELS (--test-models): the answer text is meaningless."
+    return f"{rule}\n{text}\nThe flow (FHIR, DICOM, pixels, models, trace) is real; the model output is not.\n{rule}"
+
+
+def _ask(settings: Settings, patient_id: str, question: str, as_of: datetime | None, as_json: bool) -> None:
+    from agent.runner import AgentRuntime, run_ask
+
+    runtime = AgentRuntime(settings=settings)
+    try:
+        result = asyncio.run(run_ask(runtime, patient_id=patient_id, question=question, as_of=as_of))
+    except MedagentError as exc:
+        _fail(exc, as_json=as_json)
+        return
+    loaded, _ = runtime.models.get(settings)
+    if as_json:
+        typer.echo(result.model_dump_json())
+    else:
+        _print_result(result, banner=_test_model_banner(result, loaded.banner))
+
+
+def _parse_as_of(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ConfigError(f"--as-of must be an ISO date or date-time, got {value!r}") from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The clinical question.")],
+    patient: Annotated[str, typer.Option("--patient", help="Patient logical id.")],
+    fhir: FhirOpt = None,
+    fhir_dir: FhirDirOpt = None,
+    dicomweb: DicomWebOpt = None,
+    dicom_dir: DicomDirOpt = None,
+    db: DbOpt = None,
+    test_models: TestModelsOpt = False,
+    as_of: Annotated[str | None, typer.Option("--as-of", help="Reference date for relative times.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Answer a question about one patient; print answer, sources, citations and run id."""
+    try:
+        settings = _settings(
+            fhir=fhir, fhir_dir=fhir_dir, dicomweb=dicomweb, dicom_dir=dicom_dir, db=db, test_models=test_models
+        )
+        when = _parse_as_of(as_of)
+    except MedagentError as exc:
+        _fail(exc, as_json=as_json)
+        return
+    _ask(settings, patient, question, when, as_json)
+
+
+@app.command()
+def demo(
+    test_models: TestModelsOpt = False,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask a fixed question about the bundled chest X-ray patient on the embedded defaults."""
+    try:
+        manifest = json.loads((DEFAULT_FIXTURES / "manifest.json").read_text())
+        patient = next(p for p in manifest["patients"] if p["key"] == "cxr")
+        settings = _settings(
+            fhir_dir=DEFAULT_FIXTURES / "fhir",
+            dicom_dir=DEFAULT_FIXTURES / "dicom",
+            db=db,
+            test_models=test_models,
+            fallback=True,
+        )
+    except MedagentError as exc:
+        _fail(exc, as_json=as_json)
+        return
+    except (OSError, StopIteration, KeyError, ValueError) as exc:
+        _fail(ConfigError(f"bundled fixtures are missing or unreadable: {type(exc).__name__}"), as_json=as_json)
+        return
+    if not as_json:
+        typer.echo(f"Patient: {patient['patient_id']} ({patient['summary']})")
+        typer.echo(f"Question: {DEMO_QUESTION}")
+        typer.echo("")
+    _ask(settings, patient["patient_id"], DEMO_QUESTION, None, as_json)
+
+
+@audit_app.command("list")
+def audit_list(
+    db: DbOpt = None,
+    limit: Annotated[int, typer.Option(help="How many runs, newest first.")] = 50,
+    patient: Annotated[str | None, typer.Option(help="Only runs about this patient id.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List recorded runs, newest first."""
+    from agent.audit.db import make_engine
+    from agent.audit.reader import list_runs
+    from agent.audit.render import render_run_list
+
+    try:
+        settings = _settings(db=db)
+        engine = make_engine(settings.db.url.get_secret_value())
+        runs = list_runs(engine, limit=limit, patient_ref=f"Patient/{patient}" if patient else None)
+    except MedagentError as exc:
+        _fail(exc, as_json=as_json)
+        return
+    if as_json:
+        typer.echo(json.dumps([run.model_dump(mode="json") for run in runs]))
+    else:
+        typer.echo(render_run_list(runs))
+
+
+@audit_app.command("show")
+def audit_show(
+    run_id: Annotated[str, typer.Argument(help="The run id printed by ask/demo.")],
+    db: DbOpt = None,
+    no_content: Annotated[bool, typer.Option("--no-content", help="Metadata only: no prompts or outputs.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a run's steps in order: nodes, FHIR requests, DICOM retrievals, model calls."""
+    from agent.audit.db import make_engine
+    from agent.audit.reader import load_run
+    from agent.audit.render import render_run
+
+    try:
+        settings = _settings(db=db)
+        trace = load_run(make_engine(settings.db.url.get_secret_value()), run_id, include_content=not no_content)
+    except MedagentError as exc:
+        _fail(exc, as_json=as_json)
+        return
+    typer.echo(trace.model_dump_json() if as_json else render_run(trace))
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    db: DbOpt = None,
+    revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
+) -> None:
+    """Apply the trace database migrations (the only way the schema is created)."""
+    from agent.audit.db import upgrade
+
+    try:
+        settings = _settings(db=db)
+        upgrade(settings.db.url.get_secret_value(), revision)
+    except MedagentError as exc:
+        _fail(exc, as_json=False)
+        return
+    typer.echo(f"database at {revision}: {settings.masked()['db']['url']}")
+
+
+@config_app.command("show")
+def config_show(
+    fhir: FhirOpt = None,
+    fhir_dir: FhirDirOpt = None,
+    dicomweb: DicomWebOpt = None,
+    dicom_dir: DicomDirOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Print the effective settings (env, .env and flags applied) with secrets masked."""
+    try:
+        settings = _settings(fhir=fhir, fhir_dir=fhir_dir, dicomweb=dicomweb, dicom_dir=dicom_dir, db=db)
+    except MedagentError as exc:
+        _fail(exc, as_json=False)
+        return
+    typer.echo(json.dumps(settings.masked(), indent=2))
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default from settings: 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default from settings: 8000).")] = None,
+    fhir: FhirOpt = None,
+    fhir_dir: FhirDirOpt = None,
+    dicomweb: DicomWebOpt = None,
+    dicom_dir: DicomDirOpt = None,
+    db: DbOpt = None,
+    test_models: TestModelsOpt = False,
+) -> None:
+    """Start the HTTP API (POST /v1/ask, GET /v1/runs/{id}, docs at /docs)."""
+    import uvicorn
+
+    from agent.service.app import create_app
+
+    try:
+        settings = _settings(
+            fhir=fhir, fhir_dir=fhir_dir, dicomweb=dicomweb, dicom_dir=dicom_dir, db=db, test_models=test_models
+        )
+    except MedagentError as exc:
+        _fail(exc, as_json=False)
+        return
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.service.host,
+        port=port or settings.service.port,
+        log_level="info",
+        access_log=False,  # request paths carry patient ids: no PHI in logs
+    )
+
+
+def main() -> None:
+    """Run the CLI (the ``medagent`` console script)."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""The ask graph's nodes: resolve patient -> fetch history -> fetch images -> findings -> reason -> cite.
+
+Each node is wrapped by :func:`traced` so its start, end, duration and failure land in the trace;
+data accesses inside it are recorded by the sources through the run's observer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from langgraph.runtime import Runtime
+
+from agent.audit.recorder import MODEL_CALL, NOTE
+from agent.domain.imaging import Finding, LabelScore, PreparedImage
+from agent.errors import DicomDecodeError, MedagentError, SourceUnavailableError
+from agent.graph.citations import check_citations
+from agent.graph.prompts import SYSTEM_PROMPT, build_user_prompt
+from agent.graph.state import AskState, RunContext
+from agent.history.context import build_context
+from agent.history.fhir_values import parse_when
+from agent.inference.protocols import GenerationRequest, ModelIdentity
+from agent.sources.imaging_selection import choose_instances
+from agent.sources.pixels import prepare_instance
+
+NodeFn = Callable[[AskState, Runtime[RunContext]], Awaitable[dict[str, Any]]]
+
+
+def traced(name: str) -> Callable[[NodeFn], NodeFn]:
+    """Record the node in the run's trace (start, end, duration, error)."""
+
+    def wrap(fn: NodeFn) -> NodeFn:
+        @functools.wraps(fn)
+        async def node(state: AskState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+            with runtime.context.recorder.node(name):
+                return await fn(state, runtime)
+
+        return node
+
+    return wrap
+
+
+@traced("resolve_patient")
+async def resolve_patient(state: AskState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    """Read the Patient resource (by logical id)."""
+    patient = await runtime.context.fhir.read("Patient", state["patient_id"])
+    return {"patient": patient}
+
+
+@traced("fetch_history")
+async def fetch_history(state: AskState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    """Search every history type for the patient in parallel and build the cited context."""
+    ctx = runtime.context
+    patient = state["patient"]
+    searches = [ctx.fhir.search(kind, {"patient": patient["id"]}) for kind in ctx.history_types]
+    results = await asyncio.gather(*searches)
+    resources = [resource for batch in results for resource in batch]
+    history = build_context(patient, resources, as_of=ctx.as_of)
+    studies = [r for r in resources if r.get("resourceType") == "ImagingStudy"]
+    return {
+        "resources": resources,
+        "context_text": history.text,
+        "sources": [ref.reference for ref in history.sources],
+        "imaging_study": _newest_study(studies),
+    }
+
+
+def _newest_study(studies: list[dict[str, Any]]) -> dict[str, Any] | None:
+    epoch = datetime.min.replace(tzinfo=UTC)
+    dated = [(parse_when(study.get("started")) or epoch, study) for study in studies]
+    return max(dated, key=lambda item: item[0])[1] if dated else None
+
+
+def route_after_history(state: AskState) -> Literal["fetch_images", "reason"]:
+    """Go to imaging when the patient has a study, else straight to reasoning."""
+    return "fetch_images" if state.get("imaging_study") else "reason"
+
+
+def study_instance_uid(imaging_study: dict[str, Any]) -> str:
+    """Return the DICOM StudyInstanceUID of an ImagingStudy (identifier system urn:dicom:uid).
+
+    Raises:
+        SourceUnavailableError: the ImagingStudy carries no DICOM study UID.
+    """
+    for identifier in imaging_study.get("identifier") or []:
+        if identifier.get("system") == "urn:dicom:uid" and identifier.get("value"):
+            return str(identifier["value"]).removeprefix("urn:oid:")
+    raise SourceUnavailableError(
+        f"ImagingStudy/{imaging_study.get('id')} has no DICOM study UID (identifier system urn:dicom:uid)"
+    )
+
+
+@traced("fetch_images")
+async def fetch_images(state: AskState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    """Retrieve and prepare the chosen instances of the newest study.
+
+    An instance that cannot be decoded is recorded and skipped; if none can be, the run fails
+    with the decoder's error (which names the transfer syntax).
+    """
+    ctx = runtime.context
+    study = state["imaging_study"]
+    assert study is not None
+    uid = study_instance_uid(study)
+    refs = await ctx.dicom.list_instances(uid)
+    modality = refs[0].modality if refs else None
+    chosen = choose_instances(refs, modality, ctx.settings.dicom.max_instances)
+    images: list[PreparedImage] = []
+    errors: list[dict[str, Any]] = []
+    first_error: DicomDecodeError | None = None
+    for ref in chosen:
+        dataset = await ctx.dicom.retrieve(ref)
+        try:
+            images.append(await asyncio.to_thread(prepare_instance, dataset, ref))
+        except DicomDecodeError as exc:
+            first_error = first_error or exc
+            errors.append({"sop_instance_uid": ref.sop_instance_uid, **exc.to_dict()})
+            ctx.recorder.event(NOTE, "instance_skipped", status="failed", meta=errors[-1])
+    if chosen and not images and first_error is not None:
+        raise first_error
+    for image in images:
+        ctx.recorder.event(
+            NOTE,
+            "pixel_preparation",
+            meta={"sop_instance_uid": image.ref.sop_instance_uid, "steps": image.steps, "defaults": image.defaults},
+        )
+    return {"images": images, "image_errors": errors}
+
+
+def route_after_images(state: AskState) -> Literal["image_findings", "reason"]:
+    """Score images when there are any."""
+    return "image_findings" if state.get("images") else "reason"
+
+
+def _model_meta(identity: ModelIdentity, **extra: Any) -> dict[str, Any]:
+    return {**identity.model_dump(), **extra}
+
+
+@traced("image_findings")
+async def image_findings(state: AskState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    """Score the label set on every image with MedSigLIP (one batched call)."""
+    ctx = runtime.context
+    images = state["images"]
+    prompts = ctx.labels.prompts
+    names = {item.prompt: item.label for item in ctx.labels.labels}
+    started = time.perf_counter()
+    try:
+        raw = await asyncio.to_thread(ctx.scorer.zero_shot, [image.image for image in images], prompts)
+    except MedagentError as exc:
+        _record_failed_call(ctx, "medsiglip.zero_shot", ctx.scorer.identity, started, exc)
+        raise
+    latency = time.perf_counter() - started
+    findings = [
+        Finding(
+            image=image.ref,
+            model_id=ctx.scorer.identity.model_id,
+            scores=[LabelScore(label=names.get(score.label, score.label), score=score.score) for score in scores],
+        )
+        for image, scores in zip(images, raw, strict=True)
+    ]
+    ctx.recorder.event(
+        MODEL_CALL,
+        "medsiglip.zero_shot",
+        status="ok",
+        duration_ms=latency * 1000,
+        meta=_model_meta(
+            ctx.scorer.identity,
+            parameters={"label_set": ctx.labels.key, "labels": len(prompts)},
+            images=len(images),
+            image_refs=[image.ref.sop_instance_uid for image in images],
+        ),
+        content={"output": [f.model_dump(mode="json") for f in findings]},
+    )
+    return {"findings": findings}
+
+
+def _record_failed_call(
+    ctx: RunContext, name: str, identity: ModelIdentity, started: float, exc: MedagentError
+) -> None:
+    ctx.recorder.event(
+        MODEL_CALL,
+        name,
+        status="failed",
+        duration_ms=(time.perf_counter() - started) * 1000,
+        meta=_model_meta(identity, error=exc.to_dict()),
+    )
+
+
+@traced("reason")
+async def reason(state: AskState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    """Ask MedGemma the question over the cited context, the findings and the images."""
+    ctx = runtime.context
+    findings = state.get("findings", [])
+    images = state.get("images", []) if findings else []
+    user_text = build_user_prompt(
+        state["question"], state["context_text"], findings, ctx.scorer.identity.model_id if findings else None
+    )
+    request = GenerationRequest(
+        system=SYSTEM_PROMPT,
+        user_text=user_text,
+        images=[image.image for image in images],
+        max_new_tokens=ctx.settings.models.max_new_tokens,
+    )
+    started = time.perf_counter()
+    try:
+        result = await asyncio.to_thread(ctx.reasoner.generate, request)
+    except MedagentError as exc:
+        _record_failed_call(ctx, "medgemma.generate", ctx.reasoner.identity, started, exc)
+        raise
+    ctx.recorder.event(
+        MODEL_CALL,
+        "medgemma.generate",
+        status="ok",
+        duration_ms=result.latency_s * 1000,
+        meta=_model_meta(
+            ctx.reasoner.identity,
+            parameters=result.parameters,
+            prompt_chars=len(SYSTEM_PROMPT) + len(user_text),
+            prompt_tokens=result.prompt_tokens,
+            output_tokens=result.output_tokens,
+            images=len(images),
+            image_refs=[image.ref.sop_instance_uid for image in images],
+        ),
+        content={"system": SYSTEM_PROMPT, "prompt": user_text, "output": result.text},
+    )
+    return {"raw_answer": result.text}
+
+
+@traced("check_citations")
+async def check_answer_citations(state: AskState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    """Keep only citations of resources this run fetched; record the dangling ones."""
+    checked = check_citations(state["raw_answer"], state.get("sources", []))
+    runtime.context.recorder.event(
+        NOTE,
+        "citations",
+        meta={
+            "valid": [c.reference for c in checked.citations if c.valid],
+            "dangling": checked.dangling,
+            "uncited_sentences": checked.uncited_sentences,
+        },
+        content={"answer": checked.answer},
+    )
+    return {"answer": checked.answer, "citations": checked.citations, "dangling": checked.dangling}

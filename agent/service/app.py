@@ -1,0 +1,93 @@
+"""FastAPI app: ``POST /v1/ask``, ``GET /v1/runs``, ``GET /v1/runs/{id}``; OpenAPI at /docs.
+
+Built by :func:`create_app` from settings; the process's :class:`~agent.runner.AgentRuntime`
+(trace engine, loaded models) lives on ``app.state`` and reaches handlers as a dependency.
+Errors are problem+json with a safe message and the run id, so a failed run can be looked up.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from agent import __version__
+from agent.audit.reader import RunSummary, RunTrace, list_runs, load_run
+from agent.config import Settings
+from agent.domain.answer import AskResult
+from agent.errors import MedagentError
+from agent.runner import AgentRuntime, run_ask
+from agent.service.schemas import AskRequest, Problem
+
+PROBLEM_JSON = "application/problem+json"
+_ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    status: {"model": Problem, "description": text}
+    for status, text in ((404, "Not found"), (422, "Invalid request"), (502, "A source failed"), (503, "Unavailable"))
+}
+
+
+def get_runtime(request: Request) -> AgentRuntime:
+    """Return the process's runtime (a FastAPI dependency)."""
+    runtime: AgentRuntime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[AgentRuntime, Depends(get_runtime)]
+
+
+def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastAPI:
+    """Build the app for these settings (tests pass their own runtime)."""
+    app = FastAPI(
+        title="medagent",
+        version=__version__,
+        description=(
+            "Clinical decision support over a patient's FHIR R4 record and DICOM imaging, with "
+            "MedSigLIP findings, MedGemma answers and a verifiable trace of every step. Not a diagnostic device."
+        ),
+    )
+    app.state.runtime = runtime or AgentRuntime(settings=settings)
+
+    @app.exception_handler(MedagentError)
+    async def _medagent_error(_: Request, exc: MedagentError) -> JSONResponse:
+        problem = Problem(
+            title=exc.code.replace("_", " "),
+            status=exc.http_status,
+            detail=exc.message,
+            code=exc.code,
+            run_id=exc.details.get("run_id"),
+        )
+        return JSONResponse(problem.model_dump(), status_code=exc.http_status, media_type=PROBLEM_JSON)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = [".".join(str(p) for p in err.get("loc", ())) for err in exc.errors()]
+        problem = Problem(
+            title="invalid request", status=422, detail=f"invalid fields: {', '.join(fields)}", code="invalid_request"
+        )
+        return JSONResponse(problem.model_dump(), status_code=422, media_type=PROBLEM_JSON)
+
+    @app.post("/v1/ask", response_model=AskResult, responses=_ERROR_RESPONSES, tags=["ask"])
+    async def ask(body: AskRequest, runtime: RuntimeDep) -> AskResult:
+        """Answer a question about a patient; the answer's citations are checked against the sources."""
+        return await run_ask(
+            runtime, patient_id=body.patient_id, question=body.question, trigger="api", as_of=body.as_of
+        )
+
+    @app.get("/v1/runs", response_model=list[RunSummary], tags=["audit"])
+    async def runs(runtime: RuntimeDep, limit: int = 50) -> list[RunSummary]:
+        """List recorded runs, newest first."""
+        return list_runs(runtime.engine, limit=min(max(limit, 1), 500))
+
+    @app.get("/v1/runs/{run_id}", response_model=RunTrace, responses=_ERROR_RESPONSES, tags=["audit"])
+    async def run(run_id: str, runtime: RuntimeDep) -> RunTrace:
+        """Return a run's trace: every node, FHIR request, DICOM retrieval and model call, in order."""
+        return load_run(runtime.engine, run_id)
+
+    @app.get("/healthz", tags=["health"])
+    async def health() -> dict[str, str]:
+        """Report that the process is up."""
+        return {"status": "ok", "version": __version__}
+
+    return app

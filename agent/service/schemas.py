@@ -1,0 +1,28 @@
+"""API request and error schemas (separate from domain types and ORM tables)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class AskRequest(BaseModel):
+    """A question about one patient."""
+
+    patient_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9\-.]+$", examples=["c02b6052-1523-5c41-983c-e2e4f28a22a9"])
+    question: str = Field(min_length=1, max_length=4000, examples=["What are the active problems?"])
+    as_of: datetime | None = Field(None, description="Reference date for relative times (default: now).")
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem+json body with medagent's error code and the run id when there is one."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    code: str
+    run_id: str | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
