@@ -120,8 +120,12 @@ def _print_result(result: AskResult, *, banner: str | None) -> None:
         for finding in result.findings:
             image: Any = finding["image"]
             scores: Any = finding["scores"]
-            top = ", ".join(f"{s['label']} {s['score']:.2f}" for s in sorted(scores, key=lambda s: -s["score"])[:3])
-            typer.echo(f"  {image.get('modality')} {image.get('view_position') or ''} {image['sop_instance_uid']}: {top}")
+            top = ", ".join(
+                f"{s['label']} {s['score']:.2f}" for s in sorted(scores, key=lambda s: -s["score"])[:3]
+            )
+            typer.echo(
+                f"  {image.get('modality')} {image.get('view_position') or ''} {image['sop_instance_uid']}: {top}"
+            )
     for warning in result.warnings:
         typer.echo(f"warning: {warning}", err=True)
     typer.echo("")
@@ -178,7 +182,12 @@ def ask(
     """Answer a question about one patient; print answer, sources, citations and run id."""
     try:
         settings = _settings(
-            fhir=fhir, fhir_dir=fhir_dir, dicomweb=dicomweb, dicom_dir=dicom_dir, db=db, test_models=test_models
+            fhir=fhir,
+            fhir_dir=fhir_dir,
+            dicomweb=dicomweb,
+            dicom_dir=dicom_dir,
+            db=db,
+            test_models=test_models,
         )
         when = _parse_as_of(as_of)
     except MedagentError as exc:
@@ -208,7 +217,9 @@ def demo(
         _fail(exc, as_json=as_json)
         return
     except (OSError, StopIteration, KeyError, ValueError) as exc:
-        _fail(ConfigError(f"bundled fixtures are missing or unreadable: {type(exc).__name__}"), as_json=as_json)
+        _fail(
+            ConfigError(f"bundled fixtures are missing or unreadable: {type(exc).__name__}"), as_json=as_json
+        )
         return
     if not as_json:
         typer.echo(f"Patient: {patient['patient_id']} ({patient['summary']})")
@@ -246,7 +257,9 @@ def audit_list(
 def audit_show(
     run_id: Annotated[str, typer.Argument(help="The run id printed by ask/demo.")],
     db: DbOpt = None,
-    no_content: Annotated[bool, typer.Option("--no-content", help="Metadata only: no prompts or outputs.")] = False,
+    no_content: Annotated[
+        bool, typer.Option("--no-content", help="Metadata only: no prompts or outputs.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Print a run's steps in order: nodes, FHIR requests, DICOM retrievals, model calls."""
@@ -256,7 +269,9 @@ def audit_show(
 
     try:
         settings = _settings(db=db)
-        trace = load_run(make_engine(settings.db.url.get_secret_value()), run_id, include_content=not no_content)
+        trace = load_run(
+            make_engine(settings.db.url.get_secret_value()), run_id, include_content=not no_content
+        )
     except MedagentError as exc:
         _fail(exc, as_json=as_json)
         return
@@ -315,7 +330,12 @@ def serve(
 
     try:
         settings = _settings(
-            fhir=fhir, fhir_dir=fhir_dir, dicomweb=dicomweb, dicom_dir=dicom_dir, db=db, test_models=test_models
+            fhir=fhir,
+            fhir_dir=fhir_dir,
+            dicomweb=dicomweb,
+            dicom_dir=dicom_dir,
+            db=db,
+            test_models=test_models,
         )
     except MedagentError as exc:
         _fail(exc, as_json=False)
@@ -331,7 +351,9 @@ def serve(
 
 def main() -> None:
     """Run the CLI (the ``medagent`` console script)."""
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
     app()
 
 

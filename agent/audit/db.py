@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -18,6 +17,7 @@ from sqlalchemy.engine import make_url
 
 from agent.config import PROJECT_ROOT
 from agent.errors import AuditError
+from alembic import command
 
 MIGRATIONS_DIR = PROJECT_ROOT / "alembic"
 

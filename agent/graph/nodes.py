@@ -125,7 +125,11 @@ async def fetch_images(state: AskState, runtime: Runtime[RunContext]) -> dict[st
         ctx.recorder.event(
             NOTE,
             "pixel_preparation",
-            meta={"sop_instance_uid": image.ref.sop_instance_uid, "steps": image.steps, "defaults": image.defaults},
+            meta={
+                "sop_instance_uid": image.ref.sop_instance_uid,
+                "steps": image.steps,
+                "defaults": image.defaults,
+            },
         )
     return {"images": images, "image_errors": errors}
 
@@ -157,7 +161,9 @@ async def image_findings(state: AskState, runtime: Runtime[RunContext]) -> dict[
         Finding(
             image=image.ref,
             model_id=ctx.scorer.identity.model_id,
-            scores=[LabelScore(label=names.get(score.label, score.label), score=score.score) for score in scores],
+            scores=[
+                LabelScore(label=names.get(score.label, score.label), score=score.score) for score in scores
+            ],
         )
         for image, scores in zip(images, raw, strict=True)
     ]

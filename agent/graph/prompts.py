@@ -37,7 +37,9 @@ def format_findings(findings: list[Finding]) -> str:
             f"{score.label} {score.score:.2f}" for score in sorted(finding.scores, key=lambda s: -s.score)
         )
         view = f" {ref.view_position}" if ref.view_position else ""
-        lines.append(f"Image {number} ({ref.modality or '?'}{view}, instance {ref.sop_instance_uid}): {scores}")
+        lines.append(
+            f"Image {number} ({ref.modality or '?'}{view}, instance {ref.sop_instance_uid}): {scores}"
+        )
     return "\n".join(lines)
 
 

@@ -9,10 +9,10 @@ what is left out is said, never silently dropped.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.domain.refs import ResourceRef
 from agent.history.fhir_values import (
@@ -39,6 +39,8 @@ SECTION_LIMITS = {
 }
 NOTE_CHARS = 600
 
+T = TypeVar("T")
+
 
 @dataclass
 class HistoryContext:
@@ -60,19 +62,42 @@ def _status(resource: dict[str, Any], field_name: str) -> str | None:
     return str(value) if value else None
 
 
+Row = tuple[datetime | None, str, list[ResourceRef]]
+
+
 class _Builder:
+    """Accumulates lines; a resource becomes a source only if its line is actually shown."""
+
     def __init__(self, as_of: datetime) -> None:
         self.as_of = as_of
         self.lines: list[str] = []
         self.cited: dict[str, ResourceRef] = {}
         self.omitted: dict[str, int] = {}
+        self._row_refs: list[ResourceRef] = []
 
     def cite(self, resource: dict[str, Any]) -> str:
+        """Return the resource's tag and remember it for the row being built."""
         ref = ResourceRef.of(resource)
-        self.cited.setdefault(ref.reference, ref)
+        self._row_refs.append(ref)
         return ref.tag
 
-    def section(self, title: str, key: str, rows: list[tuple[datetime | None, str]]) -> None:
+    def rows(
+        self, items: Iterable[T], render: Callable[[T, _Builder], tuple[datetime | None, str]]
+    ) -> list[Row]:
+        """Render each item into a row, keeping the references that row cites."""
+        rows: list[Row] = []
+        for item in items:
+            self._row_refs = []
+            when, text = render(item, self)
+            rows.append((when, text, self._row_refs))
+        return rows
+
+    def shown(self, refs: list[ResourceRef]) -> None:
+        """Record references whose line made it into the context."""
+        for ref in refs:
+            self.cited.setdefault(ref.reference, ref)
+
+    def section(self, title: str, key: str, rows: list[Row]) -> None:
         """Add a section, newest first, capped, with the rest counted."""
         if not rows:
             return
@@ -80,7 +105,9 @@ class _Builder:
         rows = sorted(rows, key=lambda row: row[0] or epoch, reverse=True)
         limit = SECTION_LIMITS[key]
         self.lines.append(f"## {title} ({len(rows)})")
-        self.lines.extend(f"- {text}" for _, text in rows[:limit])
+        for _, text, refs in rows[:limit]:
+            self.lines.append(f"- {text}")
+            self.shown(refs)
         if len(rows) > limit:
             self.omitted[key] = len(rows) - limit
             self.lines.append(f"- … {len(rows) - limit} older {key} not shown")
@@ -105,31 +132,38 @@ def build_context(
 
     builder = _Builder(as_of)
     builder.lines.append(f"As of {as_of.date().isoformat()}.")
-    builder.lines.append(_patient_line(patient, as_of, builder))
+    patient_row = builder.rows([patient], _patient_line)[0]
+    builder.lines.append(patient_row[1])
+    builder.shown(patient_row[2])
     builder.lines.append("")
-    builder.section("Conditions", "conditions", [_condition(r, builder) for r in by_type["Condition"]])
+    builder.section("Conditions", "conditions", builder.rows(by_type["Condition"], _condition))
+    builder.section("Medications", "medications", builder.rows(by_type["MedicationRequest"], _medication))
+    builder.section("Allergies", "allergies", builder.rows(by_type["AllergyIntolerance"], _allergy))
     builder.section(
-        "Medications", "medications", [_medication(r, builder) for r in by_type["MedicationRequest"]]
+        "Labs and vitals (latest first)",
+        "observations",
+        builder.rows(_observation_series(by_type["Observation"]), _observation_row),
     )
-    builder.section("Allergies", "allergies", [_allergy(r, builder) for r in by_type["AllergyIntolerance"]])
-    builder.section("Labs and vitals (latest first)", "observations", _observations(by_type["Observation"], builder))
-    builder.section("Encounters", "encounters", [_encounter(r, builder) for r in by_type["Encounter"]])
-    builder.section("Reports", "reports", [_report(r, builder) for r in by_type["DiagnosticReport"]])
-    builder.section("Imaging studies", "imaging", [_imaging(r, builder) for r in by_type["ImagingStudy"]])
-    builder.section("Notes (untrusted text)", "notes", [_note(r, builder) for r in by_type["DocumentReference"]])
+    builder.section("Encounters", "encounters", builder.rows(by_type["Encounter"], _encounter))
+    builder.section("Reports", "reports", builder.rows(by_type["DiagnosticReport"], _report))
+    builder.section("Imaging studies", "imaging", builder.rows(by_type["ImagingStudy"], _imaging))
+    builder.section("Notes (untrusted text)", "notes", builder.rows(by_type["DocumentReference"], _note))
     return HistoryContext(
-        text="\n".join(builder.lines).strip() + "\n", sources=list(builder.cited.values()), omitted=builder.omitted
+        text="\n".join(builder.lines).strip() + "\n",
+        sources=list(builder.cited.values()),
+        omitted=builder.omitted,
     )
 
 
-def _patient_line(patient: dict[str, Any], as_of: datetime, builder: _Builder) -> str:
+def _patient_line(patient: dict[str, Any], builder: _Builder) -> tuple[datetime | None, str]:
+    as_of = builder.as_of
     born = parse_when(patient.get("birthDate"))
     age = ""
     if born is not None:
         years = as_of.year - born.year - ((as_of.month, as_of.day) < (born.month, born.day))
         age = f", age {years}"
     gender = patient.get("gender", "unknown sex")
-    return f"Patient: {gender}{age} {builder.cite(patient)}"
+    return born, f"Patient: {gender}{age} {builder.cite(patient)}"
 
 
 def _condition(resource: dict[str, Any], b: _Builder) -> tuple[datetime | None, str]:
@@ -192,31 +226,40 @@ def _observation_value(resource: dict[str, Any]) -> str | None:
     return value
 
 
-def _observations(resources: list[dict[str, Any]], b: _Builder) -> list[tuple[datetime | None, str]]:
-    """Group by test: the latest value with flag and range, the previous value and the trend."""
-    groups: dict[str, list[tuple[datetime | None, dict[str, Any]]]] = defaultdict(list)
+Series = list[tuple[datetime | None, dict[str, Any]]]
+
+
+def _observation_series(resources: list[dict[str, Any]]) -> list[Series]:
+    """Group observations by test code, newest first within each group."""
+    groups: dict[str, Series] = defaultdict(list)
     for resource in resources:
         key = concept_key(resource.get("code")) or resource["id"]
-        groups[key].append((parse_when(resource.get("effectiveDateTime") or resource.get("issued")), resource))
-    rows = []
+        groups[key].append(
+            (parse_when(resource.get("effectiveDateTime") or resource.get("issued")), resource)
+        )
     epoch = datetime.min.replace(tzinfo=UTC)
     for series in groups.values():
         series.sort(key=lambda item: item[0] or epoch, reverse=True)
-        when, latest = series[0]
-        name = concept_text(latest.get("code")) or "unnamed observation"
-        value = _observation_value(latest) or "no value"
-        flag = first_concept_text(latest.get("interpretation"))
-        extras = ", ".join(x for x in (flag, range_text(latest.get("referenceRange"))) if x)
-        text = f"{name}: {value}{f' ({extras})' if extras else ''} on {_dated(when, b)} {b.cite(latest)}"
-        if len(series) > 1:
-            prev_when, previous = series[1]
-            prev_value = _observation_value(previous) or "no value"
-            trend = _trend(latest, previous)
-            text += f"; previous {prev_value} on {_dated(prev_when, b)} {b.cite(previous)}{trend}"
-            if len(series) > 2:
-                text += f"; {len(series) - 2} earlier"
-        rows.append((when, text))
-    return rows
+    return list(groups.values())
+
+
+def _observation_row(series: Series, b: _Builder) -> tuple[datetime | None, str]:
+    """Render a test's latest value with flag and range, the previous value and the trend."""
+    when, latest = series[0]
+    name = concept_text(latest.get("code")) or "unnamed observation"
+    value = _observation_value(latest) or "no value"
+    flag = first_concept_text(latest.get("interpretation"))
+    extras = ", ".join(x for x in (flag, range_text(latest.get("referenceRange"))) if x)
+    text = f"{name}: {value}{f' ({extras})' if extras else ''} on {_dated(when, b)} {b.cite(latest)}"
+    if len(series) > 1:
+        prev_when, previous = series[1]
+        prev_value = _observation_value(previous) or "no value"
+        text += (
+            f"; previous {prev_value} on {_dated(prev_when, b)} {b.cite(previous)}{_trend(latest, previous)}"
+        )
+        if len(series) > 2:
+            text += f"; {len(series) - 2} earlier"
+    return when, text
 
 
 def _trend(latest: dict[str, Any], previous: dict[str, Any]) -> str:
@@ -247,7 +290,7 @@ def _report(resource: dict[str, Any], b: _Builder) -> tuple[datetime | None, str
     name = concept_text(resource.get("code")) or "report"
     conclusion = resource.get("conclusion")
     # Report conclusions are free text written by people: fenced like notes.
-    body = f' conclusion: «{" ".join(str(conclusion).split())[:NOTE_CHARS]}»' if conclusion else ""
+    body = f" conclusion: «{' '.join(str(conclusion).split())[:NOTE_CHARS]}»" if conclusion else ""
     return when, f"{_dated(when, b)} {name} ({resource.get('status', '?')}){body} {b.cite(resource)}"
 
 

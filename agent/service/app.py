@@ -24,7 +24,12 @@ from agent.service.schemas import AskRequest, Problem
 PROBLEM_JSON = "application/problem+json"
 _ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": Problem, "description": text}
-    for status, text in ((404, "Not found"), (422, "Invalid request"), (502, "A source failed"), (503, "Unavailable"))
+    for status, text in (
+        (404, "Not found"),
+        (422, "Invalid request"),
+        (502, "A source failed"),
+        (503, "Unavailable"),
+    )
 }
 
 
@@ -64,7 +69,10 @@ def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastA
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         fields = [".".join(str(p) for p in err.get("loc", ())) for err in exc.errors()]
         problem = Problem(
-            title="invalid request", status=422, detail=f"invalid fields: {', '.join(fields)}", code="invalid_request"
+            title="invalid request",
+            status=422,
+            detail=f"invalid fields: {', '.join(fields)}",
+            code="invalid_request",
         )
         return JSONResponse(problem.model_dump(), status_code=422, media_type=PROBLEM_JSON)
 

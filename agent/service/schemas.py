@@ -11,7 +11,12 @@ from pydantic import BaseModel, Field
 class AskRequest(BaseModel):
     """A question about one patient."""
 
-    patient_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9\-.]+$", examples=["c02b6052-1523-5c41-983c-e2e4f28a22a9"])
+    patient_id: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9\-.]+$",
+        examples=["c02b6052-1523-5c41-983c-e2e4f28a22a9"],
+    )
     question: str = Field(min_length=1, max_length=4000, examples=["What are the active problems?"])
     as_of: datetime | None = Field(None, description="Reference date for relative times (default: now).")
 
