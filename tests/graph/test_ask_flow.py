@@ -1,0 +1,172 @@
+"""The whole ask flow on the embedded sources, with a scripted reasoner and a fake scorer.
+
+Real: bundle-folder FHIR, DICOM-folder imaging, pixel preparation, the graph, citation checking
+and the SQL trace. Scripted: the models, so the answer can cite both real and made-up ids (the
+tiny random-weight models cite nothing). The same flow with the real model classes, real
+servers and PostgreSQL is in tests/e2e.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.encaps import encapsulate
+import pytest
+from PIL import Image
+
+from agent.audit.reader import load_run
+from agent.config import DEFAULT_FIXTURES, Settings, get_settings
+from agent.domain.imaging import LabelScore
+from agent.errors import DicomDecodeError, ModelUnavailableError, PatientNotFoundError
+from agent.inference.factory import LoadedModels
+from agent.inference.protocols import GenerationRequest, GenerationResult, ModelIdentity
+from agent.runner import AgentRuntime, ModelCache, run_ask
+
+MANIFEST = json.loads((DEFAULT_FIXTURES / "manifest.json").read_text())
+PATIENTS = {p["key"]: p for p in MANIFEST["patients"]}
+
+
+class FakeScorer:
+    """Deterministic scores; records what it was asked."""
+
+    identity = ModelIdentity(model_id="fake-siglip", backend="test")
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[Image.Image], list[str]]] = []
+
+    def zero_shot(self, images: list[Image.Image], labels: list[str]) -> list[list[LabelScore]]:
+        self.calls.append((images, labels))
+        return [[LabelScore(label=label, score=0.1 * (i + 1)) for i, label in enumerate(labels)] for _ in images]
+
+
+class ScriptedReasoner:
+    """Answers by citing the first condition it finds in the prompt, plus a made-up observation."""
+
+    identity = ModelIdentity(model_id="scripted-reasoner", backend="test")
+
+    def __init__(self) -> None:
+        self.requests: list[GenerationRequest] = []
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        self.requests.append(request)
+        condition = next(
+            token.strip("[]") for token in request.user_text.split() if token.startswith("[Condition/")
+        )
+        text = (
+            f"<unused94>thinking<unused95>The patient has heart failure [{condition}]. "
+            "BNP is rising [Observation/00000000-made-up]."
+        )
+        text = text.split("<unused95>")[-1]
+        return GenerationResult(text=text, prompt_tokens=100, output_tokens=20, latency_s=0.01)
+
+
+def _runtime(tmp_path: Path, scorer: Any, reasoner: Any, **settings: Any) -> AgentRuntime:
+    base: Settings = get_settings(
+        fhir={"bundle_dir": DEFAULT_FIXTURES / "fhir"},
+        dicom={"dicom_dir": settings.pop("dicom_dir", DEFAULT_FIXTURES / "dicom")},
+        db={"url": f"sqlite:///{tmp_path / 'trace.db'}"},
+    )
+    loader = settings.pop("loader", None) or (
+        lambda _s: LoadedModels(scorer=scorer, reasoner=reasoner, used_test_models=False, banner=None)
+    )
+    return AgentRuntime(settings=base, models=ModelCache(loader=loader))
+
+
+async def test_cxr_patient_answer_is_cited_and_every_step_traced(tmp_path: Path) -> None:
+    scorer, reasoner = FakeScorer(), ScriptedReasoner()
+    runtime = _runtime(tmp_path, scorer, reasoner)
+    patient = PATIENTS["cxr"]
+    result = await run_ask(runtime, patient_id=patient["patient_id"], question="Summarise the heart failure.")
+
+    assert result.status == "ok"
+    assert f"Patient/{patient['patient_id']}" in result.sources
+    current = max(patient["studies"], key=lambda s: s["started"])
+    assert f"ImagingStudy/{current['imaging_study_id']}" in result.sources
+    # the made-up citation is reported and removed; the real one stays
+    assert [(c.reference.split("/")[0], c.valid) for c in result.citations] == [("Condition", True), ("Observation", False)]
+    assert "made-up" not in result.answer and result.citations[0].reference in result.answer
+    assert "<unused94>" not in result.answer
+
+    # the frontal view of the newest study went to both models
+    pa = next(i for i in current["instances"] if i["view_position"] == "PA")
+    assert [f["image"]["sop_instance_uid"] for f in result.findings][0] == pa["sop_instance_uid"]
+    sent = reasoner.requests[0]
+    assert len(sent.images) == len(result.findings) >= 1
+    assert sent.images[0].size[0] == sent.images[0].size[1]  # padded to square
+    assert "<patient_record>" in sent.user_text and "<image_findings" in sent.user_text
+
+    trace = load_run(runtime.engine, result.run_id)
+    nodes = [e.name for e in trace.events if e.kind == "node_finished"]
+    assert nodes == [
+        "load_models", "resolve_patient", "fetch_history", "fetch_images", "image_findings", "reason", "check_citations"
+    ]
+    fhir_paths = [e.meta["path"] for e in trace.events if e.kind == "fhir_request"]
+    assert fhir_paths[0] == f"Patient/{patient['patient_id']}"
+    assert len(fhir_paths) == 1 + 8
+    retrieved = [e.meta["sop_instance_uid"] for e in trace.events if e.kind == "dicom_retrieval" and e.meta["action"] == "retrieve"]
+    assert pa["sop_instance_uid"] in retrieved
+    calls = [e for e in trace.events if e.kind == "model_call"]
+    assert [c.name for c in calls] == ["medsiglip.zero_shot", "medgemma.generate"]
+    assert calls[1].meta["model_id"] == "scripted-reasoner" and calls[1].meta["prompt_tokens"] == 100
+    assert calls[1].content["output"].startswith("The patient has heart failure")
+    citations = next(e for e in trace.events if e.name == "citations")
+    assert citations.meta["dangling"] == ["Observation/00000000-made-up"]
+    assert trace.run.status == "ok"
+
+
+async def test_patient_without_imaging_skips_the_image_steps(tmp_path: Path) -> None:
+    scorer, reasoner = FakeScorer(), ScriptedReasoner()
+    runtime = _runtime(tmp_path, scorer, reasoner)
+    result = await run_ask(runtime, patient_id=PATIENTS["noimg"]["patient_id"], question="Diabetes control?")
+    assert result.status == "ok" and result.findings == []
+    assert scorer.calls == [] and reasoner.requests[0].images == []
+    trace = load_run(runtime.engine, result.run_id)
+    assert "fetch_images" not in [e.name for e in trace.events]
+
+
+async def test_unknown_patient_fails_at_resolve_with_its_code(tmp_path: Path) -> None:
+    runtime = _runtime(tmp_path, FakeScorer(), ScriptedReasoner())
+    with pytest.raises(PatientNotFoundError) as caught:
+        await run_ask(runtime, patient_id="no-such-patient", question="?")
+    trace = load_run(runtime.engine, caught.value.details["run_id"])
+    assert trace.run.status == "failed"
+    assert trace.events[-1].meta["failing_step"] == "resolve_patient"
+    assert trace.events[-1].meta["error"]["code"] == "patient_not_found"
+
+
+async def test_missing_weights_fail_at_load_models(tmp_path: Path) -> None:
+    def loader(_settings: Settings) -> LoadedModels:
+        raise ModelUnavailableError("model google/medgemma-4b-it not found: set MEDAGENT_MODELS__MEDGEMMA")
+
+    runtime = _runtime(tmp_path, None, None, loader=loader)
+    with pytest.raises(ModelUnavailableError) as caught:
+        await run_ask(runtime, patient_id=PATIENTS["cxr"]["patient_id"], question="?")
+    trace = load_run(runtime.engine, caught.value.details["run_id"])
+    assert trace.events[-1].meta["failing_step"] == "load_models"
+    assert trace.events[-1].meta["error"]["code"] == "model_unavailable"
+    assert not any(e.kind == "fhir_request" for e in trace.events)  # nothing read before models are ready
+
+
+async def test_undecodable_study_fails_naming_the_transfer_syntax(tmp_path: Path) -> None:
+    dicom_dir = tmp_path / "dicom"
+    shutil.copytree(DEFAULT_FIXTURES / "dicom", dicom_dir)
+    current = max(PATIENTS["cxr"]["studies"], key=lambda s: s["started"])
+    for instance in current["instances"]:
+        path = dicom_dir / Path(instance["file"]).relative_to("dicom")
+        ds = pydicom.dcmread(path)
+        # claim JPEG 2000 (no decoder installed here), encapsulated as the syntax requires
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEG2000
+        ds.PixelData = encapsulate([ds.PixelData])
+        ds.save_as(path, enforce_file_format=True)
+    runtime = _runtime(tmp_path, FakeScorer(), ScriptedReasoner(), dicom_dir=dicom_dir)
+    with pytest.raises(DicomDecodeError, match="1.2.840.10008.1.2.4.91|JPEG 2000") as caught:
+        await run_ask(runtime, patient_id=PATIENTS["cxr"]["patient_id"], question="?")
+    trace = load_run(runtime.engine, caught.value.details["run_id"])
+    assert trace.events[-1].meta["failing_step"] == "fetch_images"
+    assert trace.events[-1].meta["error"]["code"] == "dicom_undecodable"
+    skipped = [e for e in trace.events if e.name == "instance_skipped"]
+    assert skipped and all(e.status == "failed" for e in skipped)
