@@ -236,14 +236,14 @@ def audit_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List recorded runs, newest first."""
-    from agent.audit.db import make_engine
     from agent.audit.reader import list_runs
     from agent.audit.render import render_run_list
+    from agent.runner import AgentRuntime
 
     try:
-        settings = _settings(db=db)
-        engine = make_engine(settings.db.url.get_secret_value())
-        runs = list_runs(engine, limit=limit, patient_ref=f"Patient/{patient}" if patient else None)
+        runtime = AgentRuntime(settings=_settings(db=db))
+        runtime.ensure_schema()
+        runs = list_runs(runtime.engine, limit=limit, patient_ref=f"Patient/{patient}" if patient else None)
     except MedagentError as exc:
         _fail(exc, as_json=as_json)
         return

@@ -86,11 +86,13 @@ def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastA
     @app.get("/v1/runs", response_model=list[RunSummary], tags=["audit"])
     async def runs(runtime: RuntimeDep, limit: int = 50) -> list[RunSummary]:
         """List recorded runs, newest first."""
+        runtime.ensure_schema()
         return list_runs(runtime.engine, limit=min(max(limit, 1), 500))
 
     @app.get("/v1/runs/{run_id}", response_model=RunTrace, responses=_ERROR_RESPONSES, tags=["audit"])
     async def run(run_id: str, runtime: RuntimeDep) -> RunTrace:
         """Return a run's trace: every node, FHIR request, DICOM retrieval and model call, in order."""
+        runtime.ensure_schema()
         return load_run(runtime.engine, run_id)
 
     @app.get("/healthz", tags=["health"])

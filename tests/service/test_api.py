@@ -1,0 +1,58 @@
+"""The HTTP API: POST /v1/ask and GET /v1/runs/{id}, problem+json errors, OpenAPI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from agent.service.app import create_app
+from tests.graph.test_ask_flow import PATIENTS, FakeScorer, ScriptedReasoner, _runtime
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> TestClient:
+    runtime = _runtime(tmp_path, FakeScorer(), ScriptedReasoner())
+    return TestClient(create_app(runtime.settings, runtime))
+
+
+def test_ask_then_read_the_trace(client: TestClient) -> None:
+    patient_id = PATIENTS["cxr"]["patient_id"]
+    reply = client.post("/v1/ask", json={"patient_id": patient_id, "question": "Heart failure status?"})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["status"] == "ok"
+    assert f"Patient/{patient_id}" in body["sources"]
+    assert {c["valid"] for c in body["citations"]} == {True, False}
+    trace = client.get(f"/v1/runs/{body['run_id']}")
+    assert trace.status_code == 200
+    kinds = [e["kind"] for e in trace.json()["events"]]
+    assert kinds[0] == "run_started" and kinds[-1] == "run_finished"
+    assert {"fhir_request", "dicom_retrieval", "model_call"} <= set(kinds)
+    listed = client.get("/v1/runs").json()
+    assert [r["run_id"] for r in listed] == [body["run_id"]]
+    assert listed[0]["trigger"] == "api"
+
+
+def test_unknown_patient_is_problem_json_with_the_run_id(client: TestClient) -> None:
+    reply = client.post("/v1/ask", json={"patient_id": "nobody", "question": "?"})
+    assert reply.status_code == 404
+    assert reply.headers["content-type"].startswith("application/problem+json")
+    problem = reply.json()
+    assert problem["code"] == "patient_not_found" and problem["run_id"]
+    trace = client.get(f"/v1/runs/{problem['run_id']}").json()
+    assert trace["run"]["status"] == "failed"
+
+
+def test_invalid_request_and_unknown_run(client: TestClient) -> None:
+    bad = client.post("/v1/ask", json={"patient_id": "../etc", "question": ""})
+    assert bad.status_code == 422 and bad.json()["code"] == "invalid_request"
+    missing = client.get("/v1/runs/does-not-exist")
+    assert missing.status_code == 404 and missing.json()["code"] == "run_not_found"
+
+
+def test_openapi_documents_the_endpoints(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/ask", "/v1/runs/{run_id}"} <= set(spec["paths"])
+    assert client.get("/docs").status_code == 200
