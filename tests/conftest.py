@@ -48,3 +48,13 @@ def new_engine() -> Iterator[EngineFactory]:
     yield factory
     for engine in made:
         engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def test_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Build the tiny random-weight MedSigLIP and MedGemma once per session; return their parent folder."""
+    from agent.inference.tiny_models import ensure_test_models
+
+    base = tmp_path_factory.mktemp("test-models")
+    ensure_test_models(base)
+    return base
