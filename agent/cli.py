@@ -136,13 +136,19 @@ def _test_model_banner(result: AskResult, banner: str | None) -> str | None:
     if not result.test_models:
         return None
     rule = "=" * 78
-    text = banner or "Using tiny random-weight TEST MODELS (--test-models): the answer text is meaningless."
-    return f"{rule}\n{text}\nThe flow (FHIR, DICOM, pixels, models, trace) is real; the model output is not.\n{rule}"
+    text = banner or (
+        "TEST MODELS IN USE (--test-models): tiny random-weight stand-ins of the real model classes. "
+        "The answer and findings are meaningless; the flow (FHIR, DICOM, pixels, models, trace) is real."
+    )
+    return f"{rule}\n{text}\n{rule}"
 
 
 def _ask(settings: Settings, patient_id: str, question: str, as_of: datetime | None, as_json: bool) -> None:
+    from transformers.utils import logging as hf_logging
+
     from agent.runner import AgentRuntime, run_ask
 
+    hf_logging.disable_progress_bar()  # weight-loading bars would bury the answer
     runtime = AgentRuntime(settings=settings)
     try:
         result = asyncio.run(run_ask(runtime, patient_id=patient_id, question=question, as_of=as_of))

@@ -200,9 +200,15 @@ async def reason(state: AskState, runtime: Runtime[RunContext]) -> dict[str, Any
     """Ask MedGemma the question over the cited context, the findings and the images."""
     ctx = runtime.context
     findings = state.get("findings", [])
-    images = state.get("images", []) if findings else []
+    # Findings cover every chosen image; MedGemma sees only the first few (frontal first), since
+    # each image is 256 prompt tokens and seconds of vision-tower time.
+    images = state.get("images", [])[: ctx.settings.models.reasoner_max_images] if findings else []
     user_text = build_user_prompt(
-        state["question"], state["context_text"], findings, ctx.scorer.identity.model_id if findings else None
+        state["question"],
+        state["context_text"],
+        findings,
+        ctx.scorer.identity.model_id if findings else None,
+        attached=len(images),
     )
     request = GenerationRequest(
         system=SYSTEM_PROMPT,

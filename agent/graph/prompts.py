@@ -43,7 +43,9 @@ def format_findings(findings: list[Finding]) -> str:
     return "\n".join(lines)
 
 
-def build_user_prompt(question: str, context_text: str, findings: list[Finding], model_id: str | None) -> str:
+def build_user_prompt(
+    question: str, context_text: str, findings: list[Finding], model_id: str | None, attached: int
+) -> str:
     """Assemble the user turn: record, findings (if any), then the question."""
     parts = ["<patient_record>", neutralise_fences(context_text).strip(), "</patient_record>"]
     if findings:
@@ -51,7 +53,15 @@ def build_user_prompt(question: str, context_text: str, findings: list[Finding],
             f'<image_findings model="{model_id}" note="zero-shot scores 0..1, not a diagnosis">',
             format_findings(findings),
             "</image_findings>",
-            f"The {len(findings)} image(s) above are attached in the same order.",
+            _attached_note(attached),
         ]
     parts += ["", f"Question: {neutralise_fences(question).strip()}"]
     return "\n".join(parts)
+
+
+def _attached_note(attached: int) -> str:
+    if attached == 0:
+        return "No image is attached; use the scores only."
+    if attached == 1:
+        return "Image 1 is attached."
+    return f"Images 1 to {attached} are attached, in that order."

@@ -95,7 +95,8 @@ async def test_cxr_patient_answer_is_cited_and_every_step_traced(tmp_path: Path)
     pa = next(i for i in current["instances"] if i["view_position"] == "PA")
     assert [f["image"]["sop_instance_uid"] for f in result.findings][0] == pa["sop_instance_uid"]
     sent = reasoner.requests[0]
-    assert len(sent.images) == len(result.findings) >= 1
+    assert len(result.findings) == 2  # PA and lateral scored
+    assert len(sent.images) == 1  # only the frontal view goes to MedGemma (reasoner_max_images=1)
     assert sent.images[0].size[0] == sent.images[0].size[1]  # padded to square
     assert "<patient_record>" in sent.user_text and "<image_findings" in sent.user_text
 

@@ -1,0 +1,229 @@
+"""MedSigLIP in-process: image and text embeddings and zero-shot image findings.
+
+Sits at the image-findings stage: prepared images (square RGB) come in from the sources, and the
+zero-shot label scores (and embeddings, for similar-case retrieval) go to the trace and on to
+MedGemma's context. The same code loads ``google/medsiglip-448`` and the tiny random-weight test
+model, through ``AutoModel`` and ``AutoProcessor``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from agent.domain.imaging import LabelScore
+from agent.errors import ModelOutputError, ModelUnavailableError
+from agent.inference.labels import CXR_LABELS_V1
+from agent.inference.loading import dtype_name, weights_fingerprint
+from agent.inference.protocols import ModelIdentity
+
+#: MedSigLIP was trained on texts padded to 64 tokens; shorter padding changes the embedding.
+TEXT_MAX_LENGTH = 64
+_TEXT_CACHE_SIZE = 1024
+
+
+class MedSigLIP:
+    """An :class:`~agent.inference.protocols.ImageScorer` backed by a local SigLIP checkpoint.
+
+    Embeddings come back L2-normalised, as float32 on the CPU, so callers (the similar-case
+    index, the trace) never deal with the model's device or dtype. Text embeddings are cached per
+    text: label prompts are the same for every image, so each is encoded once per process.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        identity: ModelIdentity,
+        *,
+        prompts: Mapping[str, str] | None = None,
+        batch_size: int = 16,
+    ) -> None:
+        """Wrap an already loaded model; use :meth:`load` to load one from a folder.
+
+        Args:
+            model: a ``SiglipModel`` in eval mode.
+            processor: its ``SiglipProcessor``.
+            identity: what the trace records for calls to this model.
+            prompts: label name -> prompt; a label passed to :meth:`zero_shot` that is a key here
+                is scored with its prompt, any other label is used as its own prompt. Defaults
+                to :data:`~agent.inference.labels.CXR_LABELS_V1`.
+            batch_size: images encoded per forward pass.
+        """
+        self.model = model
+        self.processor = processor
+        self.identity = identity
+        self.prompts = dict(CXR_LABELS_V1.prompt_map() if prompts is None else prompts)
+        self.batch_size = batch_size
+        self._device = next(model.parameters()).device
+        self._dtype = next(model.parameters()).dtype
+        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        # One forward pass at a time: parallel calls would only fight over the same cores or GPU
+        # memory, and the cache is not safe to mutate from two threads.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: Path, *, model_id: str, device: str, dtype: torch.dtype, test_model: bool) -> MedSigLIP:
+        """Load a SigLIP checkpoint (e.g. ``google/medsiglip-448``) from a local folder.
+
+        Args:
+            path: the model folder (from :func:`~agent.inference.loading.resolve_model_path`).
+            model_id: the name recorded in the trace.
+            device: torch device string, from :func:`~agent.inference.loading.select_device`.
+            dtype: weights dtype, from :func:`~agent.inference.loading.select_dtype`.
+            test_model: whether these are tiny random weights (recorded in the trace).
+
+        Raises:
+            ModelUnavailableError: when the folder cannot be loaded as a SigLIP model.
+        """
+        from transformers import AutoModel, AutoProcessor
+
+        try:
+            processor = AutoProcessor.from_pretrained(path)
+            model: Any = AutoModel.from_pretrained(path, dtype=dtype)
+            model = model.to(device).eval()
+        except Exception as exc:
+            raise ModelUnavailableError(
+                f"could not load MedSigLIP from {path}: {type(exc).__name__}: {exc}",
+                details={"path": str(path), "model": model_id},
+            ) from exc
+        if not hasattr(model, "get_image_features") or not hasattr(model, "logit_bias"):
+            raise ModelUnavailableError(
+                f"the model in {path} is a {type(model).__name__}, not a SigLIP image-text model",
+                details={"path": str(path), "model": model_id},
+            )
+        identity = ModelIdentity(
+            model_id=model_id,
+            backend="transformers",
+            revision=weights_fingerprint(path),
+            device=device,
+            dtype=dtype_name(dtype),
+            test_model=test_model,
+        )
+        return cls(model, processor, identity)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Return one L2-normalised embedding per image, shape ``(len(images), dim)``.
+
+        Args:
+            images: PIL images of any size; non-RGB ones are converted, and the processor resizes
+                them to the model's input size (448x448 for MedSigLIP). They should already be
+                square: resizing does not pad, so other shapes get distorted.
+
+        Raises:
+            ModelOutputError: when the model call fails.
+        """
+        if not images:
+            return torch.empty((0, self._embedding_dim()), dtype=torch.float32)
+        rows: list[torch.Tensor] = []
+        with self._lock:
+            for start in range(0, len(images), self.batch_size):
+                batch = [_as_rgb(image) for image in images[start : start + self.batch_size]]
+                rows.append(self._encode_images(batch))
+        return torch.cat(rows)
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Return one L2-normalised embedding per text, shape ``(len(texts), dim)``.
+
+        Texts are padded to 64 tokens, as MedSigLIP was trained; embeddings are cached per text.
+
+        Raises:
+            ModelOutputError: when the model call fails.
+        """
+        if not texts:
+            return torch.empty((0, self._embedding_dim()), dtype=torch.float32)
+        with self._lock:
+            missing = list(dict.fromkeys(text for text in texts if text not in self._text_cache))
+            if missing:
+                for text, row in zip(missing, self._encode_texts(missing), strict=True):
+                    self._text_cache[text] = row
+            for text in texts:
+                self._text_cache.move_to_end(text)
+            result = torch.stack([self._text_cache[text] for text in texts])
+            while len(self._text_cache) > _TEXT_CACHE_SIZE:
+                self._text_cache.popitem(last=False)
+        return result
+
+    def zero_shot(self, images: list[Image.Image], labels: list[str]) -> list[list[LabelScore]]:
+        """Score every label on every image: sigmoid(exp(logit_scale) * cos + logit_bias).
+
+        Each score is independent (a sigmoid, not a softmax over labels), so several findings
+        can score high on the same image, and none need.
+
+        Args:
+            images: PIL images, as for :meth:`embed_images`.
+            labels: label names (scored with their prompt, see ``prompts``) or free-text prompts.
+
+        Returns:
+            One list per image, in label order, each score in (0, 1).
+
+        Raises:
+            ModelOutputError: when the model call fails.
+        """
+        if not images or not labels:
+            return [[] for _ in images]
+        image_embeddings = self.embed_images(images)
+        text_embeddings = self.embed_texts([self.prompts.get(label, label) for label in labels])
+        scale, bias = self.logit_parameters()
+        probabilities = torch.sigmoid(scale * image_embeddings @ text_embeddings.T + bias)
+        return [
+            [LabelScore(label=label, score=float(score)) for label, score in zip(labels, row, strict=True)]
+            for row in probabilities.tolist()
+        ]
+
+    def logit_parameters(self) -> tuple[float, float]:
+        """Return the model's own ``(exp(logit_scale), logit_bias)`` as floats."""
+        scale = float(self.model.logit_scale.detach().float().exp().item())
+        bias = float(self.model.logit_bias.detach().float().item())
+        return scale, bias
+
+    def _encode_images(self, batch: list[Image.Image]) -> torch.Tensor:
+        try:
+            inputs = self.processor(images=batch, return_tensors="pt")
+            pixel_values = inputs["pixel_values"].to(self._device, dtype=self._dtype)
+            with torch.inference_mode():
+                output = self.model.get_image_features(pixel_values=pixel_values)
+        except Exception as exc:
+            raise ModelOutputError(
+                f"MedSigLIP image encoding failed ({type(exc).__name__})",
+                details={"model": self.identity.model_id, "error": str(exc)[:500]},
+            ) from exc
+        return _normalised(output)
+
+    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
+        try:
+            inputs = self.processor(
+                text=texts, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True, return_tensors="pt"
+            )
+            # Only input_ids: SigLIP was trained without a text attention mask (pads attended,
+            # last position pooled). transformers 5 returns a mask, and passing it changes the
+            # embedding.
+            input_ids = inputs["input_ids"].to(self._device)
+            with torch.inference_mode():
+                output = self.model.get_text_features(input_ids=input_ids)
+        except Exception as exc:
+            raise ModelOutputError(
+                f"MedSigLIP text encoding failed ({type(exc).__name__})",
+                details={"model": self.identity.model_id, "error": str(exc)[:500]},
+            ) from exc
+        return _normalised(output)
+
+    def _embedding_dim(self) -> int:
+        return int(self.model.config.vision_config.hidden_size)
+
+
+def _normalised(output: Any) -> torch.Tensor:
+    # transformers 5 returns an output object from get_*_features; older versions a tensor.
+    embeddings = output if isinstance(output, torch.Tensor) else output.pooler_output
+    return F.normalize(embeddings.float(), dim=-1).cpu()
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")

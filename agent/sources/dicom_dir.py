@@ -1,0 +1,265 @@
+"""The embedded imaging source: a folder of DICOM files, behind the DicomSource protocol.
+
+The graph's imaging step asks a :class:`~agent.sources.protocols.DicomSource` for the instances
+of the study the FHIR record names (an ImagingStudy's ``urn:dicom:uid`` identifier), picks a few
+(:mod:`agent.sources.imaging_selection`), retrieves them here and hands them to pixel
+preparation (:mod:`agent.sources.pixels`). The same graph runs against DICOMweb in production.
+
+The folder is indexed once, on first use, reading only headers (``stop_before_pixels``). Every
+search and retrieval is reported to the run's observer, failures included. Nothing that names the
+patient goes into an event or an error message: only UIDs, file paths relative to the folder,
+transfer syntaxes and sizes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from agent.domain.events import AccessObserver, DicomRetrievalEvent
+from agent.domain.refs import InstanceRef
+from agent.errors import SourceUnavailableError
+
+log = logging.getLogger(__name__)
+
+BACKEND = "dicom-dir"
+#: File names indexed (recursively). Extension-less DICOM folders need renaming or DICOMweb.
+PATTERN = "*.dcm"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One indexed file."""
+
+    ref: InstanceRef
+    path: Path
+    series_number: int | None
+
+
+def _int_or_none(value: object) -> int | None:
+    """Return an IS value as int, or None when absent or malformed."""
+    try:
+        return int(str(value)) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def _str_or_none(value: object) -> str | None:
+    """Return a stripped string, or None when absent or blank."""
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+class DicomDirSource:
+    """Find and read DICOM instances in a folder tree (implements ``DicomSource``).
+
+    Unknown studies raise :class:`SourceUnavailableError` rather than returning an empty list:
+    the caller only asks for studies the patient's record says exist, so a miss means the folder
+    and the record disagree, which the run should report, not silently skip.
+    """
+
+    def __init__(self, root: Path, observer: AccessObserver) -> None:
+        """Create the source; nothing is read until the first call.
+
+        Args:
+            root: the folder to index recursively.
+            observer: receives one event per search and per retrieval.
+        """
+        self.root = Path(root)
+        self.observer = observer
+        self._studies: dict[str, list[_Entry]] | None = None
+        self._by_sop: dict[str, _Entry] = {}
+        #: Files matching the pattern that could not be parsed at indexing time (relative paths).
+        self.unreadable: list[str] = []
+        self._lock = asyncio.Lock()
+
+    # --- index ---------------------------------------------------------------------------------
+
+    def _relative(self, path: Path) -> str:
+        """Return a path relative to the folder, the form errors and ``unreadable`` use."""
+        try:
+            return str(path.relative_to(self.root))
+        except ValueError:
+            return path.name
+
+    def _scan(self) -> tuple[dict[str, list[_Entry]], dict[str, _Entry], list[str]]:
+        """Read the header of every matching file; return the index by study and by SOP UID."""
+        if not self.root.is_dir():
+            raise SourceUnavailableError(
+                f"DICOM folder {self.root} does not exist or is not a folder",
+                details={"backend": BACKEND},
+            )
+        studies: dict[str, list[_Entry]] = {}
+        by_sop: dict[str, _Entry] = {}
+        unreadable: list[str] = []
+        for path in sorted(self.root.rglob(PATTERN)):
+            if not path.is_file():
+                continue
+            try:
+                ds = pydicom.dcmread(
+                    path,
+                    stop_before_pixels=True,
+                    specific_tags=[
+                        "StudyInstanceUID",
+                        "SeriesInstanceUID",
+                        "SOPInstanceUID",
+                        "Modality",
+                        "ViewPosition",
+                        "InstanceNumber",
+                        "SeriesNumber",
+                    ],
+                )
+                study_uid = str(ds.StudyInstanceUID)
+                ref = InstanceRef(
+                    study_uid=study_uid,
+                    series_uid=str(ds.SeriesInstanceUID),
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    modality=_str_or_none(ds.get("Modality")),
+                    view_position=_str_or_none(ds.get("ViewPosition")),
+                    instance_number=_int_or_none(ds.get("InstanceNumber")),
+                )
+            except Exception:
+                # One bad file must not hide the rest of the folder; it is listed, and a
+                # retrieve of it (if anything points at it) fails with its own error.
+                unreadable.append(self._relative(path))
+                continue
+            entry = _Entry(ref=ref, path=path, series_number=_int_or_none(ds.get("SeriesNumber")))
+            studies.setdefault(study_uid, []).append(entry)
+            by_sop[ref.sop_instance_uid] = entry
+        for entries in studies.values():
+            entries.sort(key=_entry_order)
+        if unreadable:
+            log.warning("dicom-dir: %d unreadable file(s) skipped under %s", len(unreadable), self.root)
+        return studies, by_sop, unreadable
+
+    async def _index(self, *, refresh: bool = False) -> dict[str, list[_Entry]]:
+        """Return the study index, scanning (in a worker thread) on first use or when asked."""
+        async with self._lock:
+            if self._studies is None or refresh:
+                studies, by_sop, unreadable = await asyncio.to_thread(self._scan)
+                self._studies, self._by_sop, self.unreadable = studies, by_sop, unreadable
+            return self._studies
+
+    # --- protocol ------------------------------------------------------------------------------
+
+    async def list_instances(self, study_uid: str) -> list[InstanceRef]:
+        """Return the instances of a study, ordered by series number then instance number.
+
+        The folder is scanned on the first call; a study not found triggers one rescan (files
+        may have been added since), then fails.
+
+        Raises:
+            SourceUnavailableError: the folder is missing, or the study is not in it.
+        """
+        started = time.perf_counter()
+        error: str | None = None
+        refs: list[InstanceRef] = []
+        try:
+            studies = await self._index()
+            if study_uid not in studies:
+                studies = await self._index(refresh=True)
+            if study_uid not in studies:
+                raise SourceUnavailableError(
+                    f"study {study_uid} not found in the DICOM folder",
+                    details={"backend": BACKEND, "study_uid": study_uid},
+                )
+            refs = [entry.ref for entry in studies[study_uid]]
+            return refs
+        except SourceUnavailableError as exc:
+            error = exc.message
+            raise
+        finally:
+            self.observer.dicom_retrieval(
+                DicomRetrievalEvent(
+                    backend=BACKEND,
+                    action="search",
+                    study_uid=study_uid,
+                    duration_ms=(time.perf_counter() - started) * 1000.0,
+                    error=error,
+                )
+            )
+
+    async def retrieve(self, ref: InstanceRef) -> Dataset:
+        """Read one instance in full (pixel data not decoded).
+
+        Raises:
+            SourceUnavailableError: the instance is not in the folder, or its file cannot be read
+                as DICOM (the message names the file, relative to the folder).
+        """
+        started = time.perf_counter()
+        error: str | None = None
+        transfer_syntax: str | None = None
+        size: int | None = None
+        try:
+            await self._index()
+            entry = self._by_sop.get(ref.sop_instance_uid)
+            if entry is None:
+                raise SourceUnavailableError(
+                    f"instance {ref.sop_instance_uid} not found in the DICOM folder",
+                    details={"backend": BACKEND, "sop_instance_uid": ref.sop_instance_uid},
+                )
+            ds, size = await asyncio.to_thread(self._read, entry)
+            ts = getattr(ds, "file_meta", None) and ds.file_meta.get("TransferSyntaxUID")
+            transfer_syntax = str(ts) if ts else None
+            return ds
+        except SourceUnavailableError as exc:
+            error = exc.message
+            raise
+        finally:
+            self.observer.dicom_retrieval(
+                DicomRetrievalEvent(
+                    backend=BACKEND,
+                    action="retrieve",
+                    study_uid=ref.study_uid,
+                    series_uid=ref.series_uid,
+                    sop_instance_uid=ref.sop_instance_uid,
+                    transfer_syntax=transfer_syntax,
+                    bytes=size,
+                    duration_ms=(time.perf_counter() - started) * 1000.0,
+                    error=error,
+                )
+            )
+
+    def _read(self, entry: _Entry) -> tuple[Dataset, int]:
+        """Read a file in full and check it is still the instance the index says it is."""
+        name = self._relative(entry.path)
+        try:
+            size = entry.path.stat().st_size
+            ds = pydicom.dcmread(entry.path)
+            sop = str(ds.SOPInstanceUID)
+        except Exception as exc:
+            raise SourceUnavailableError(
+                f"cannot read DICOM file {name}: {type(exc).__name__}",
+                details={"backend": BACKEND, "file": name, "sop_instance_uid": entry.ref.sop_instance_uid},
+            ) from exc
+        if sop != entry.ref.sop_instance_uid:
+            raise SourceUnavailableError(
+                f"DICOM file {name} changed since it was indexed (holds another instance)",
+                details={"backend": BACKEND, "file": name, "sop_instance_uid": entry.ref.sop_instance_uid},
+            )
+        return ds, size
+
+    async def aclose(self) -> None:
+        """Forget the index (no connections to release)."""
+        self._studies = None
+        self._by_sop = {}
+
+
+def _entry_order(entry: _Entry) -> tuple[int, str, int, str]:
+    """Sort key: series number, series UID (keeps series together), instance number, file path.
+
+    Missing numbers sort last.
+    """
+    big = 2**31
+    return (
+        entry.series_number if entry.series_number is not None else big,
+        entry.ref.series_uid,
+        entry.ref.instance_number if entry.ref.instance_number is not None else big,
+        str(entry.path),
+    )
