@@ -104,11 +104,11 @@ class Settings(BaseSettings):
     )
 
     environment: Literal["dev", "prod"] = "dev"
-    fhir: FhirSettings = FhirSettings()
-    dicom: DicomSettings = DicomSettings()
-    models: ModelSettings = ModelSettings()
-    db: DbSettings = DbSettings()
-    service: ServiceSettings = ServiceSettings()
+    fhir: FhirSettings = Field(default_factory=FhirSettings)
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    db: DbSettings = Field(default_factory=DbSettings)
+    service: ServiceSettings = Field(default_factory=ServiceSettings)
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:

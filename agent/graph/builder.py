@@ -13,12 +13,18 @@ from agent.graph.state import AskState, RunContext
 def build_ask_graph() -> Any:
     """Return the compiled graph: resolve -> history -> (images -> findings) -> reason -> citations."""
     graph = StateGraph(AskState, context_schema=RunContext)
-    graph.add_node("resolve_patient", nodes.resolve_patient)
-    graph.add_node("fetch_history", nodes.fetch_history)
-    graph.add_node("fetch_images", nodes.fetch_images)
-    graph.add_node("image_findings", nodes.image_findings)
-    graph.add_node("reason", nodes.reason)
-    graph.add_node("check_citations", nodes.check_answer_citations)
+    # Typed as Any: LangGraph's node protocols spell `runtime` keyword-only, which the
+    # traced wrappers (positional, like LangGraph calls them) do not match for mypy.
+    steps: dict[str, Any] = {
+        "resolve_patient": nodes.resolve_patient,
+        "fetch_history": nodes.fetch_history,
+        "fetch_images": nodes.fetch_images,
+        "image_findings": nodes.image_findings,
+        "reason": nodes.reason,
+        "check_citations": nodes.check_answer_citations,
+    }
+    for name, step in steps.items():
+        graph.add_node(name, step)
     graph.add_edge(START, "resolve_patient")
     graph.add_edge("resolve_patient", "fetch_history")
     graph.add_conditional_edges("fetch_history", nodes.route_after_history, ["fetch_images", "reason"])

@@ -318,6 +318,9 @@ def _ensure_one(folder: Path, kind: str, build: Any) -> None:
     scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-", dir=folder.parent))
     try:
         build(scratch)
+        # mkdtemp makes the folder private (0700); these files are not secret, and a model server
+        # running as another user may need to read them.
+        scratch.chmod(0o755)
         if folder.exists() and not is_complete(folder, kind):
             # A half-built or outdated folder: ours replaces it.
             shutil.rmtree(folder, ignore_errors=True)

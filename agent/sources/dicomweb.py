@@ -412,6 +412,8 @@ class DicomWebSource:
                 params=httpx.QueryParams(tuple(params)) if params else None,
                 headers=headers,
                 auth=self._auth or httpx.USE_CLIENT_DEFAULT,
+                # Per request, so "timed out after Ns" holds for a caller's client too.
+                timeout=self._timeout_s,
             )
         except httpx.TimeoutException as exc:
             self._fail(

@@ -282,7 +282,10 @@ class HttpFhirSource:
         """
         started = time.perf_counter()
         try:
-            response = await self._client.get(url, headers=self._headers, auth=self._auth or httpx.USE_CLIENT_DEFAULT)
+            # The timeout is set per request so "timed out after Ns" holds for a caller's client too.
+            response = await self._client.get(
+                url, headers=self._headers, auth=self._auth or httpx.USE_CLIENT_DEFAULT, timeout=self._timeout_s
+            )
         except httpx.TimeoutException as exc:
             error = f"FHIR server {self.base_url} timed out after {self._timeout_s:g}s"
             self._emit("GET", url, None, [], started, error)
