@@ -57,8 +57,9 @@ def resolve_model_path(name_or_path: str, *, env_var: str | None = None, cache_d
         _check_complete(local, name_or_path)
         return local.resolve()
     if _looks_like_path(name_or_path):
+        problem = "is not a folder" if local.exists() else "does not exist"
         raise ModelUnavailableError(
-            f"Model folder {name_or_path!r} does not exist. Point "
+            f"Model folder {name_or_path!r} {problem}. Point "
             f"{env_var or 'MEDAGENT_MODELS__MEDGEMMA / MEDAGENT_MODELS__MEDSIGLIP'} at a folder that "
             "holds the model's config.json and weights, or run with --test-models to use tiny "
             "random-weight models.",

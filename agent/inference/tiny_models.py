@@ -21,7 +21,7 @@ import re
 import shutil
 import string
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -141,8 +141,8 @@ def build_tiny_medsiglip(target: Path) -> Path:
         vocab_size = _sentencepiece_size(spm_path)
         tokenizer = SiglipTokenizer(vocab_file=str(spm_path), model_max_length=64)
         tokenizer.save_pretrained(target)
-        # The processor re-reads the tokenizer from target so that it owns the saved file, not
-        # the scratch copy that disappears with this block.
+    # Re-read from target, so the processor saved below refers to the kept file, not the
+    # scratch copy that disappeared with the block above.
     tokenizer = SiglipTokenizer.from_pretrained(target)
 
     config = SiglipConfig(
@@ -312,7 +312,7 @@ def is_complete(folder: Path, kind: str) -> bool:
     return isinstance(marker, dict) and marker.get("kind") == kind and marker.get("version") == BUILD_VERSION
 
 
-def _ensure_one(folder: Path, kind: str, build: Any) -> None:
+def _ensure_one(folder: Path, kind: str, build: Callable[[Path], Path]) -> None:
     if is_complete(folder, kind):
         return
     scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-", dir=folder.parent))

@@ -1,0 +1,60 @@
+"""Fixtures for the model adapters: the tiny random-weight models, built once per session.
+
+Every test here runs offline: HF_HUB_OFFLINE is set before transformers or huggingface_hub is
+imported (both read it at import), so a stray Hub lookup fails instead of reaching the network.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+# The imports come after the environment is set, on purpose.
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from agent.inference.medgemma import MedGemma
+from agent.inference.medsiglip import MedSigLIP
+from agent.inference.tiny_models import ensure_test_models
+
+
+@pytest.fixture(scope="session")
+def test_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Return the parent folder of the tiny models built for this session."""
+    base = tmp_path_factory.mktemp("test-models")
+    ensure_test_models(base)
+    return base
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(test_models_dir: Path) -> tuple[Path, Path]:
+    """Return ``(medsiglip_dir, medgemma_dir)`` of the session's tiny models."""
+    return ensure_test_models(test_models_dir)
+
+
+@pytest.fixture(scope="session")
+def medsiglip(tiny_model_dirs: tuple[Path, Path]) -> MedSigLIP:
+    """Return the tiny MedSigLIP in float32, so hand computations match to 1e-5."""
+    return MedSigLIP.load(
+        tiny_model_dirs[0], model_id="tiny-medsiglip", device="cpu", dtype=torch.float32, test_model=True
+    )
+
+
+@pytest.fixture(scope="session")
+def medgemma(tiny_model_dirs: tuple[Path, Path]) -> MedGemma:
+    """Return the tiny MedGemma in float32."""
+    return MedGemma.load(
+        tiny_model_dirs[1], model_id="tiny-medgemma", device="cpu", dtype=torch.float32, test_model=True
+    )
+
+
+@pytest.fixture
+def images() -> list[Image.Image]:
+    """Return three different square RGB noise images of different sizes."""
+    rng = np.random.default_rng(7)
+    return [Image.fromarray(rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)) for side in (64, 300, 512)]
