@@ -120,9 +120,7 @@ def _print_result(result: AskResult, *, banner: str | None) -> None:
         for finding in result.findings:
             image: Any = finding["image"]
             scores: Any = finding["scores"]
-            top = ", ".join(
-                f"{s['label']} {s['score']:.2f}" for s in sorted(scores, key=lambda s: -s["score"])[:3]
-            )
+            top = ", ".join(f"{s['label']} {s['score']:.2f}" for s in sorted(scores, key=lambda s: -s["score"])[:3])
             typer.echo(
                 f"  {image.get('modality')} {image.get('view_position') or ''} {image['sop_instance_uid']}: {top}"
             )
@@ -223,9 +221,7 @@ def demo(
         _fail(exc, as_json=as_json)
         return
     except (OSError, StopIteration, KeyError, ValueError) as exc:
-        _fail(
-            ConfigError(f"bundled fixtures are missing or unreadable: {type(exc).__name__}"), as_json=as_json
-        )
+        _fail(ConfigError(f"bundled fixtures are missing or unreadable: {type(exc).__name__}"), as_json=as_json)
         return
     if not as_json:
         typer.echo(f"Patient: {patient['patient_id']} ({patient['summary']})")
@@ -263,9 +259,7 @@ def audit_list(
 def audit_show(
     run_id: Annotated[str, typer.Argument(help="The run id printed by ask/demo.")],
     db: DbOpt = None,
-    no_content: Annotated[
-        bool, typer.Option("--no-content", help="Metadata only: no prompts or outputs.")
-    ] = False,
+    no_content: Annotated[bool, typer.Option("--no-content", help="Metadata only: no prompts or outputs.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Print a run's steps in order: nodes, FHIR requests, DICOM retrievals, model calls."""
@@ -275,9 +269,7 @@ def audit_show(
 
     try:
         settings = _settings(db=db)
-        trace = load_run(
-            make_engine(settings.db.url.get_secret_value()), run_id, include_content=not no_content
-        )
+        trace = load_run(make_engine(settings.db.url.get_secret_value()), run_id, include_content=not no_content)
     except MedagentError as exc:
         _fail(exc, as_json=as_json)
         return
@@ -357,9 +349,7 @@ def serve(
 
 def main() -> None:
     """Run the CLI (the ``medagent`` console script)."""
-    logging.basicConfig(
-        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     app()
 
 

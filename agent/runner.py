@@ -118,9 +118,7 @@ async def run_ask(
             labels=CXR_LABELS_V1,
             as_of=as_of,
         )
-        state = await build_ask_graph().ainvoke(
-            {"patient_id": patient_id, "question": question}, context=context
-        )
+        state = await build_ask_graph().ainvoke({"patient_id": patient_id, "question": question}, context=context)
         recorder.current_node = None
         recorder.finish_run("ok")
         return AskResult(

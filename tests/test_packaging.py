@@ -21,16 +21,31 @@ def test_docker_compose_file_is_valid() -> None:
             pytest.fail("docker-compose is not installed (tools/install_test_deps.sh installs it)")
         pytest.skip("SKIPPING: docker-compose not installed")
     env = {**os.environ, "POSTGRES_PASSWORD": "x", "ORTHANC_PASSWORD": "y"}
-    ok = subprocess.run([tool, "-f", str(PROJECT_ROOT / "docker-compose.yml"), "config", "-q"],
-                        env=env, capture_output=True, text=True, check=False)
+    ok = subprocess.run(
+        [tool, "-f", str(PROJECT_ROOT / "docker-compose.yml"), "config", "-q"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert ok.returncode == 0, ok.stderr
-    config = subprocess.run([tool, "-f", str(PROJECT_ROOT / "docker-compose.yml"), "config", "--services"],
-                            env=env, capture_output=True, text=True, check=True)
+    config = subprocess.run(
+        [tool, "-f", str(PROJECT_ROOT / "docker-compose.yml"), "config", "--services"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert {"api", "postgres", "hapi", "orthanc", "vllm"} <= set(config.stdout.split())
     # secrets are required, never defaulted
     env.pop("POSTGRES_PASSWORD")
-    missing = subprocess.run([tool, "-f", str(PROJECT_ROOT / "docker-compose.yml"), "config", "-q"],
-                             env=env, capture_output=True, text=True, check=False)
+    missing = subprocess.run(
+        [tool, "-f", str(PROJECT_ROOT / "docker-compose.yml"), "config", "-q"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert missing.returncode != 0 and "POSTGRES_PASSWORD" in missing.stderr
 
 

@@ -117,9 +117,7 @@ def load_run(engine: Engine, run_id: str, *, include_content: bool = True) -> Ru
             run = session.get(AuditRun, run_id)
             if run is None:
                 raise RunNotFoundError(f"no run with id {run_id}")
-            rows = session.scalars(
-                select(AuditEvent).where(AuditEvent.run_id == run_id).order_by(AuditEvent.seq)
-            ).all()
+            rows = session.scalars(select(AuditEvent).where(AuditEvent.run_id == run_id).order_by(AuditEvent.seq)).all()
             contents: dict[int, Any] = {}
             if include_content:
                 for row in session.scalars(select(AuditContent).where(AuditContent.run_id == run_id)):

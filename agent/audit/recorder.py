@@ -145,9 +145,7 @@ class TraceRecorder:
             yield
         except MedagentError as exc:
             elapsed = (time.perf_counter() - started) * 1000
-            self.event(
-                NODE_FINISHED, name, status="failed", duration_ms=elapsed, meta={"error": exc.to_dict()}
-            )
+            self.event(NODE_FINISHED, name, status="failed", duration_ms=elapsed, meta={"error": exc.to_dict()})
             raise
         except Exception as exc:
             elapsed = (time.perf_counter() - started) * 1000

@@ -62,9 +62,7 @@ def _render_event(event: TraceEvent) -> list[str]:
         return [line]
     if event.kind == kinds.FHIR_REQUEST:
         ids = meta.get("resource_ids") or []
-        line = (
-            f"{head}FHIR        {meta.get('method')} {meta.get('path')} -> {meta.get('status')}  {_ms(event)}"
-        )
+        line = f"{head}FHIR        {meta.get('method')} {meta.get('path')} -> {meta.get('status')}  {_ms(event)}"
         out = [line, f"{'':>20}returned {len(ids)}: {', '.join(ids) if ids else '-'}"]
         if meta.get("error"):
             out.append(f"{'':>20}error: {meta['error']}")

@@ -57,9 +57,7 @@ def check_citations(text: str, sources: Iterable[str]) -> CitationCheck:
     shown = _GROUP.sub(replace, text)
     shown = re.sub(r"[ \t]+([.,;:])", r"\1", shown)
     shown = re.sub(r"[ \t]{2,}", " ", shown).strip()
-    uncited = sum(
-        1 for sentence in _SENTENCE.findall(shown) if sentence.strip() and not _GROUP.search(sentence)
-    )
+    uncited = sum(1 for sentence in _SENTENCE.findall(shown) if sentence.strip() and not _GROUP.search(sentence))
     citations = list(seen.values())
     return CitationCheck(
         answer=shown,

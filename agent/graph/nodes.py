@@ -161,9 +161,7 @@ async def image_findings(state: AskState, runtime: Runtime[RunContext]) -> dict[
         Finding(
             image=image.ref,
             model_id=ctx.scorer.identity.model_id,
-            scores=[
-                LabelScore(label=names.get(score.label, score.label), score=score.score) for score in scores
-            ],
+            scores=[LabelScore(label=names.get(score.label, score.label), score=score.score) for score in scores],
         )
         for image, scores in zip(images, raw, strict=True)
     ]

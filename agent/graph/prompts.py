@@ -21,11 +21,17 @@ SYSTEM_PROMPT = (
 )
 
 _FENCE = re.compile(r"</?\s*(patient_record|image_findings|question)\b[^>]*>", re.IGNORECASE)
+#: Gemma control tokens: typed into a note, they would tokenise as real turn/image markers.
+_CONTROL_TOKEN = re.compile(
+    r"<\s*/?\s*(start_of_turn|end_of_turn|start_of_image|end_of_image|image_soft_token|bos|eos|pad|unk|mask"
+    r"|unused\d+)\s*>",
+    re.IGNORECASE,
+)
 
 
 def neutralise_fences(text: str) -> str:
-    """Replace anything that looks like one of the prompt's fences, so data cannot close one."""
-    return _FENCE.sub("[removed tag]", text)
+    """Replace prompt fences and model control tokens in data, so data can neither close a fence nor a turn."""
+    return _CONTROL_TOKEN.sub("[removed token]", _FENCE.sub("[removed tag]", text))
 
 
 def format_findings(findings: list[Finding]) -> str:
@@ -37,9 +43,7 @@ def format_findings(findings: list[Finding]) -> str:
             f"{score.label} {score.score:.2f}" for score in sorted(finding.scores, key=lambda s: -s.score)
         )
         view = f" {ref.view_position}" if ref.view_position else ""
-        lines.append(
-            f"Image {number} ({ref.modality or '?'}{view}, instance {ref.sop_instance_uid}): {scores}"
-        )
+        lines.append(f"Image {number} ({ref.modality or '?'}{view}, instance {ref.sop_instance_uid}): {scores}")
     return "\n".join(lines)
 
 

@@ -81,9 +81,7 @@ class _Builder:
         self._row_refs.append(ref)
         return ref.tag
 
-    def rows(
-        self, items: Iterable[T], render: Callable[[T, _Builder], tuple[datetime | None, str]]
-    ) -> list[Row]:
+    def rows(self, items: Iterable[T], render: Callable[[T, _Builder], tuple[datetime | None, str]]) -> list[Row]:
         """Render each item into a row, keeping the references that row cites."""
         rows: list[Row] = []
         for item in items:
@@ -234,9 +232,7 @@ def _observation_series(resources: list[dict[str, Any]]) -> list[Series]:
     groups: dict[str, Series] = defaultdict(list)
     for resource in resources:
         key = concept_key(resource.get("code")) or resource["id"]
-        groups[key].append(
-            (parse_when(resource.get("effectiveDateTime") or resource.get("issued")), resource)
-        )
+        groups[key].append((parse_when(resource.get("effectiveDateTime") or resource.get("issued")), resource))
     epoch = datetime.min.replace(tzinfo=UTC)
     for series in groups.values():
         series.sort(key=lambda item: item[0] or epoch, reverse=True)
@@ -254,9 +250,7 @@ def _observation_row(series: Series, b: _Builder) -> tuple[datetime | None, str]
     if len(series) > 1:
         prev_when, previous = series[1]
         prev_value = _observation_value(previous) or "no value"
-        text += (
-            f"; previous {prev_value} on {_dated(prev_when, b)} {b.cite(previous)}{_trend(latest, previous)}"
-        )
+        text += f"; previous {prev_value} on {_dated(prev_when, b)} {b.cite(previous)}{_trend(latest, previous)}"
         if len(series) > 2:
             text += f"; {len(series) - 2} earlier"
     return when, text

@@ -12,7 +12,9 @@ from typing import Any
 MEDAGENT = str(Path(sys.executable).with_name("medagent"))
 
 
-def run_cli(args: list[str], *, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: list[str], *, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """Run ``medagent ARGS`` with a clean MEDAGENT_* environment plus ``env``."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MEDAGENT_")}
     full_env["HF_HUB_OFFLINE"] = "1"

@@ -22,8 +22,14 @@ from tests.support.servers import FhirServerHandle, OrthancHandle
 MANIFEST = json.loads((DEFAULT_FIXTURES / "manifest.json").read_text())
 CXR = next(p for p in MANIFEST["patients"] if p["key"] == "cxr")
 HISTORY_TYPES = [
-    "Condition", "Observation", "MedicationRequest", "AllergyIntolerance",
-    "Encounter", "DiagnosticReport", "DocumentReference", "ImagingStudy",
+    "Condition",
+    "Observation",
+    "MedicationRequest",
+    "AllergyIntolerance",
+    "Encounter",
+    "DiagnosticReport",
+    "DocumentReference",
+    "ImagingStudy",
 ]
 
 
@@ -52,8 +58,18 @@ def test_ask_against_live_servers_is_cited_and_fully_traced(
 ) -> None:
     question = "What does the latest chest X-ray show?"
     args = [
-        "ask", "--patient", CXR["patient_id"], "--fhir", fhir_server.base_url, "--dicomweb", orthanc.dicomweb_url,
-        "--db", db_url, "--test-models", "--json", question,
+        "ask",
+        "--patient",
+        CXR["patient_id"],
+        "--fhir",
+        fhir_server.base_url,
+        "--dicomweb",
+        orthanc.dicomweb_url,
+        "--db",
+        db_url,
+        "--test-models",
+        "--json",
+        question,
     ]
     result = run_cli(args, cwd=tmp_path, env=_env(orthanc, test_models_dir))
     assert result.returncode == 0, result.stderr
@@ -118,7 +134,9 @@ def test_cli_errors_are_clear_non_zero_and_traced(
     db = f"sqlite:///{tmp_path / 'trace.db'}"
     common = ["--dicomweb", orthanc.dicomweb_url, "--db", db, "--test-models"]
 
-    unknown = run_cli(["ask", "--patient", "does-not-exist", "--fhir", fhir_server.base_url, *common, "?"], cwd=tmp_path, env=env)
+    unknown = run_cli(
+        ["ask", "--patient", "does-not-exist", "--fhir", fhir_server.base_url, *common, "?"], cwd=tmp_path, env=env
+    )
     assert unknown.returncode == 3
     assert "error [patient_not_found]" in unknown.stderr and "run id:" in unknown.stderr
     run_id = unknown.stderr.split("run id: ")[1].split()[0]
@@ -126,13 +144,19 @@ def test_cli_errors_are_clear_non_zero_and_traced(
     assert "RUN END     status=failed failing_step=resolve_patient error=patient_not_found" in shown.stdout
 
     down = f"http://127.0.0.1:{_closed_port()}/fhir"
-    unreachable = run_cli(["ask", "--patient", CXR["patient_id"], "--fhir", down, *common, "--json", "?"], cwd=tmp_path, env=env)
+    unreachable = run_cli(
+        ["ask", "--patient", CXR["patient_id"], "--fhir", down, *common, "--json", "?"], cwd=tmp_path, env=env
+    )
     assert unreachable.returncode == 4
     failed = json_out(unreachable)
     assert failed["status"] == "failed" and failed["error"]["code"] == "source_unavailable" and failed["run_id"]
 
     bad_auth = {**env, "MEDAGENT_DICOM__PASSWORD": "wrong"}
-    denied = run_cli(["ask", "--patient", CXR["patient_id"], "--fhir", fhir_server.base_url, *common, "?"], cwd=tmp_path, env=bad_auth)
+    denied = run_cli(
+        ["ask", "--patient", CXR["patient_id"], "--fhir", fhir_server.base_url, *common, "?"],
+        cwd=tmp_path,
+        env=bad_auth,
+    )
     assert denied.returncode == 4 and "authentication" in denied.stderr.lower()
 
 

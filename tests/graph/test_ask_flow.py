@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.encaps import encapsulate
 import pytest
 from PIL import Image
+from pydicom.encaps import encapsulate
 
 from agent.audit.reader import load_run
 from agent.config import DEFAULT_FIXTURES, Settings, get_settings
@@ -53,9 +53,7 @@ class ScriptedReasoner:
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         self.requests.append(request)
-        condition = next(
-            token.strip("[]") for token in request.user_text.split() if token.startswith("[Condition/")
-        )
+        condition = next(token.strip("[]") for token in request.user_text.split() if token.startswith("[Condition/"))
         text = (
             f"<unused94>thinking<unused95>The patient has heart failure [{condition}]. "
             "BNP is rising [Observation/00000000-made-up]."
@@ -87,13 +85,16 @@ async def test_cxr_patient_answer_is_cited_and_every_step_traced(tmp_path: Path)
     current = max(patient["studies"], key=lambda s: s["started"])
     assert f"ImagingStudy/{current['imaging_study_id']}" in result.sources
     # the made-up citation is reported and removed; the real one stays
-    assert [(c.reference.split("/")[0], c.valid) for c in result.citations] == [("Condition", True), ("Observation", False)]
+    assert [(c.reference.split("/")[0], c.valid) for c in result.citations] == [
+        ("Condition", True),
+        ("Observation", False),
+    ]
     assert "made-up" not in result.answer and result.citations[0].reference in result.answer
     assert "<unused94>" not in result.answer
 
     # the frontal view of the newest study went to both models
     pa = next(i for i in current["instances"] if i["view_position"] == "PA")
-    assert [f["image"]["sop_instance_uid"] for f in result.findings][0] == pa["sop_instance_uid"]
+    assert result.findings[0]["image"]["sop_instance_uid"] == pa["sop_instance_uid"]  # type: ignore[index]
     sent = reasoner.requests[0]
     assert len(result.findings) == 2  # PA and lateral scored
     assert len(sent.images) == 1  # only the frontal view goes to MedGemma (reasoner_max_images=1)
@@ -103,12 +104,22 @@ async def test_cxr_patient_answer_is_cited_and_every_step_traced(tmp_path: Path)
     trace = load_run(runtime.engine, result.run_id)
     nodes = [e.name for e in trace.events if e.kind == "node_finished"]
     assert nodes == [
-        "load_models", "resolve_patient", "fetch_history", "fetch_images", "image_findings", "reason", "check_citations"
+        "load_models",
+        "resolve_patient",
+        "fetch_history",
+        "fetch_images",
+        "image_findings",
+        "reason",
+        "check_citations",
     ]
     fhir_paths = [e.meta["path"] for e in trace.events if e.kind == "fhir_request"]
     assert fhir_paths[0] == f"Patient/{patient['patient_id']}"
     assert len(fhir_paths) == 1 + 8
-    retrieved = [e.meta["sop_instance_uid"] for e in trace.events if e.kind == "dicom_retrieval" and e.meta["action"] == "retrieve"]
+    retrieved = [
+        e.meta["sop_instance_uid"]
+        for e in trace.events
+        if e.kind == "dicom_retrieval" and e.meta["action"] == "retrieve"
+    ]
     assert pa["sop_instance_uid"] in retrieved
     calls = [e for e in trace.events if e.kind == "model_call"]
     assert [c.name for c in calls] == ["medsiglip.zero_shot", "medgemma.generate"]
@@ -164,7 +175,7 @@ async def test_undecodable_study_fails_naming_the_transfer_syntax(tmp_path: Path
         ds.PixelData = encapsulate([ds.PixelData])
         ds.save_as(path, enforce_file_format=True)
     runtime = _runtime(tmp_path, FakeScorer(), ScriptedReasoner(), dicom_dir=dicom_dir)
-    with pytest.raises(DicomDecodeError, match="1.2.840.10008.1.2.4.91|JPEG 2000") as caught:
+    with pytest.raises(DicomDecodeError, match=r"1\.2\.840\.10008\.1\.2\.4\.91|JPEG 2000") as caught:
         await run_ask(runtime, patient_id=PATIENTS["cxr"]["patient_id"], question="?")
     trace = load_run(runtime.engine, caught.value.details["run_id"])
     assert trace.events[-1].meta["failing_step"] == "fetch_images"

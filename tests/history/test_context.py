@@ -34,13 +34,9 @@ def test_lab_series_shows_latest_previous_trend_flag_and_range() -> None:
     latest = _obs(
         "o2", 1800, "2026-10-01", referenceRange=[{"high": {"value": 125}}], interpretation=[{"text": "High"}]
     )
-    ctx = build_context(
-        PATIENT, [_obs("o1", 900, "2025-09-01"), latest, _obs("o0", 300, "2024-01-01")], as_of=AS_OF
-    )
+    ctx = build_context(PATIENT, [_obs("o1", 900, "2025-09-01"), latest, _obs("o0", 300, "2024-01-01")], as_of=AS_OF)
     line = next(line for line in ctx.text.splitlines() if "NT-proBNP" in line)
-    assert line.startswith(
-        "- NT-proBNP: 1800 pg/mL (High, ref <125) on 2026-10-01 (58 days ago) [Observation/o2]"
-    )
+    assert line.startswith("- NT-proBNP: 1800 pg/mL (High, ref <125) on 2026-10-01 (58 days ago) [Observation/o2]")
     assert "previous 900 pg/mL on 2025-09-01 (15 months ago) [Observation/o1], rising; 1 earlier" in line
     assert [s.reference for s in ctx.sources] == ["Patient/p1", "Observation/o2", "Observation/o1"]
 
@@ -68,9 +64,7 @@ def test_notes_are_fenced_as_untrusted_text() -> None:
         "id": "d1",
         "date": "2026-11-01T10:00:00Z",
         "type": {"text": "Progress note"},
-        "content": [
-            {"attachment": {"contentType": "text/plain", "data": base64.b64encode(text.encode()).decode()}}
-        ],
+        "content": [{"attachment": {"contentType": "text/plain", "data": base64.b64encode(text.encode()).decode()}}],
     }
     ctx = build_context(PATIENT, [note], as_of=AS_OF)
     assert "## Notes (untrusted text) (1)" in ctx.text

@@ -24,14 +24,6 @@ from agent.inference.tiny_models import ensure_test_models
 
 
 @pytest.fixture(scope="session")
-def test_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Return the parent folder of the tiny models built for this session."""
-    base = tmp_path_factory.mktemp("test-models")
-    ensure_test_models(base)
-    return base
-
-
-@pytest.fixture(scope="session")
 def tiny_model_dirs(test_models_dir: Path) -> tuple[Path, Path]:
     """Return ``(medsiglip_dir, medgemma_dir)`` of the session's tiny models."""
     return ensure_test_models(test_models_dir)
