@@ -12,11 +12,12 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
 from agent.errors import ConfigError, ModelUnavailableError
+from agent.inference.protocols import ModelIdentity
 
 #: Files below this size are hashed in full; larger ones by their header, size and samples.
 _FULL_HASH_LIMIT = 64 * 1024 * 1024
@@ -238,3 +239,37 @@ def _cpu_has_fast_bf16() -> bool:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def load_pretrained(auto_class: Any, path: Path, *, dtype: torch.dtype, device: str, label: str, model_id: str) -> Any:
+    """Load processor and model from a local folder with a transformers Auto class.
+
+    Returns:
+        ``(processor, model)``, the model moved to ``device`` in eval mode.
+
+    Raises:
+        ModelUnavailableError: when the folder cannot be loaded.
+    """
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        model: Any = auto_class.from_pretrained(path, dtype=dtype)
+        return processor, model.to(device).eval()
+    except Exception as exc:
+        raise ModelUnavailableError(
+            f"could not load {label} from {path}: {type(exc).__name__}: {exc}",
+            details={"path": str(path), "model": model_id},
+        ) from exc
+
+
+def local_identity(path: Path, *, model_id: str, device: str, dtype: torch.dtype, test_model: bool) -> ModelIdentity:
+    """Return what the trace records for an in-process transformers model loaded from ``path``."""
+    return ModelIdentity(
+        model_id=model_id,
+        backend="transformers",
+        revision=weights_fingerprint(path),
+        device=device,
+        dtype=dtype_name(dtype),
+        test_model=test_model,
+    )

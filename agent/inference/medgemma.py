@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from agent.errors import ModelOutputError, ModelUnavailableError
-from agent.inference.loading import dtype_name, weights_fingerprint
+from agent.inference.loading import load_pretrained, local_identity
 from agent.inference.protocols import GenerationRequest, GenerationResult, ModelIdentity
 
 #: MedGemma (1.5) may think before answering, between these two markers.
@@ -94,30 +94,17 @@ class MedGemma:
         Raises:
             ModelUnavailableError: when the folder cannot be loaded as an image-text model.
         """
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
-        try:
-            processor = AutoProcessor.from_pretrained(path)
-            model: Any = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-            model = model.to(device).eval()
-        except Exception as exc:
-            raise ModelUnavailableError(
-                f"could not load MedGemma from {path}: {type(exc).__name__}: {exc}",
-                details={"path": str(path), "model": model_id},
-            ) from exc
+        processor, model = load_pretrained(
+            AutoModelForImageTextToText, path, dtype=dtype, device=device, label="MedGemma", model_id=model_id
+        )
         if getattr(processor, "chat_template", None) is None:
             raise ModelUnavailableError(
                 f"the processor in {path} has no chat template; MedGemma's prompt cannot be built",
                 details={"path": str(path), "model": model_id},
             )
-        identity = ModelIdentity(
-            model_id=model_id,
-            backend="transformers",
-            revision=weights_fingerprint(path),
-            device=device,
-            dtype=dtype_name(dtype),
-            test_model=test_model,
-        )
+        identity = local_identity(path, model_id=model_id, device=device, dtype=dtype, test_model=test_model)
         return cls(model, processor, identity)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:

@@ -21,7 +21,7 @@ from PIL import Image
 from agent.domain.imaging import LabelScore
 from agent.errors import ModelOutputError, ModelUnavailableError
 from agent.inference.labels import CXR_LABELS_V1
-from agent.inference.loading import dtype_name, weights_fingerprint
+from agent.inference.loading import load_pretrained, local_identity
 from agent.inference.protocols import ModelIdentity
 
 #: MedSigLIP was trained on texts padded to 64 tokens; shorter padding changes the embedding.
@@ -83,30 +83,17 @@ class MedSigLIP:
         Raises:
             ModelUnavailableError: when the folder cannot be loaded as a SigLIP model.
         """
-        from transformers import AutoModel, AutoProcessor
+        from transformers import AutoModel
 
-        try:
-            processor = AutoProcessor.from_pretrained(path)
-            model: Any = AutoModel.from_pretrained(path, dtype=dtype)
-            model = model.to(device).eval()
-        except Exception as exc:
-            raise ModelUnavailableError(
-                f"could not load MedSigLIP from {path}: {type(exc).__name__}: {exc}",
-                details={"path": str(path), "model": model_id},
-            ) from exc
+        processor, model = load_pretrained(
+            AutoModel, path, dtype=dtype, device=device, label="MedSigLIP", model_id=model_id
+        )
         if not hasattr(model, "get_image_features") or not hasattr(model, "logit_bias"):
             raise ModelUnavailableError(
                 f"the model in {path} is a {type(model).__name__}, not a SigLIP image-text model",
                 details={"path": str(path), "model": model_id},
             )
-        identity = ModelIdentity(
-            model_id=model_id,
-            backend="transformers",
-            revision=weights_fingerprint(path),
-            device=device,
-            dtype=dtype_name(dtype),
-            test_model=test_model,
-        )
+        identity = local_identity(path, model_id=model_id, device=device, dtype=dtype, test_model=test_model)
         return cls(model, processor, identity)
 
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:

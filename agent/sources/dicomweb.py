@@ -30,6 +30,7 @@ from agent.config import DicomSettings
 from agent.domain.events import AccessObserver, DicomRetrievalEvent
 from agent.domain.refs import InstanceRef
 from agent.errors import InvalidResourceError, SourceUnavailableError
+from agent.sources.http_auth import http_auth
 
 DICOM_JSON = "application/dicom+json"
 #: WADO-RS instance retrieval in whatever transfer syntax the server stored (no transcoding).
@@ -198,12 +199,7 @@ class DicomWebSource:
         self.base_url = base_url.rstrip("/")
         self._observer = observer
         self._timeout_s = timeout_s
-        self._headers: dict[str, str] = {}
-        self._auth: httpx.Auth | None = None
-        if bearer_token:
-            self._headers["Authorization"] = f"Bearer {bearer_token}"
-        elif username is not None:
-            self._auth = httpx.BasicAuth(username, password or "")
+        self._headers, self._auth = http_auth(username, password, bearer_token)
         self._owns_client = client is None
         self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(timeout_s))
 

@@ -25,6 +25,7 @@ import httpx
 from agent.config import FhirSettings
 from agent.domain.events import AccessObserver, FhirRequestEvent
 from agent.errors import InvalidResourceError, PatientNotFoundError, SourceUnavailableError
+from agent.sources.http_auth import http_auth
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +111,8 @@ class HttpFhirSource:
         self._observer = observer
         self._timeout_s = timeout_s
         self._max_pages = max_pages
-        self._headers = {"Accept": FHIR_JSON}
-        self._auth: httpx.Auth | None = None
-        if bearer_token:
-            self._headers["Authorization"] = f"Bearer {bearer_token}"
-        elif username is not None:
-            self._auth = httpx.BasicAuth(username, password or "")
+        auth_headers, self._auth = http_auth(username, password, bearer_token)
+        self._headers = {"Accept": FHIR_JSON, **auth_headers}
         self._owns_client = client is None
         self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(timeout_s))
 
