@@ -68,7 +68,8 @@ def _render_event(event: TraceEvent) -> list[str]:
             out.append(f"{'':>20}error: {meta['error']}")
         return out
     if event.kind == kinds.DICOM_RETRIEVAL:
-        line = f"{head}DICOM       {meta.get('action')} ({meta.get('backend')}) -> {meta.get('status')}  {_ms(event)}"
+        status = f" -> {meta['status']}" if meta.get("status") is not None else ""
+        line = f"{head}DICOM       {meta.get('action')} ({meta.get('backend')}){status}  {_ms(event)}"
         out = [
             line,
             f"{'':>20}study={meta.get('study_uid')} series={meta.get('series_uid')} "
@@ -92,11 +93,30 @@ def _render_event(event: TraceEvent) -> list[str]:
                 f"{'':>20}prompt: {meta.get('prompt_chars')} chars, {meta.get('prompt_tokens')} tokens, "
                 f"{meta.get('images', 0)} image(s); output: {meta.get('output_tokens')} tokens"
             )
-        if isinstance(event.content, dict) and "output" in event.content:
+        if isinstance(event.content, dict) and isinstance(event.content.get("output"), list):
+            out.extend(f"{'':>20}{line}" for line in _findings_lines(event.content["output"]))
+        elif isinstance(event.content, dict) and "output" in event.content:
             output = str(event.content["output"])
             shown = output if len(output) <= _MAX_OUTPUT_CHARS else output[:_MAX_OUTPUT_CHARS] + "…"
             out.append(f"{'':>20}output: {shown!r}")
         if meta.get("error"):
             out.append(f"{'':>20}error: {meta['error']}")
         return out
+    if event.kind == kinds.NOTE and event.name == "pixel_preparation":
+        out = [f"{head}PIXELS      {meta.get('sop_instance_uid')}: {'; '.join(meta.get('steps') or [])}"]
+        if meta.get("defaults"):
+            out.append(f"{'':>20}defaults applied: {'; '.join(meta['defaults'])}")
+        return out
     return [f"{head}{event.kind.upper():11} {event.name} {meta if meta else ''}"]
+
+
+def _findings_lines(findings: list[Any]) -> list[str]:
+    """Return one line per image: its instance UID and its three highest scores."""
+    lines = []
+    for finding in findings:
+        if not isinstance(finding, dict):
+            continue
+        scores = sorted(finding.get("scores") or [], key=lambda s: -float(s.get("score", 0)))
+        top = ", ".join(f"{s.get('label')} {float(s.get('score', 0)):.2f}" for s in scores[:3])
+        lines.append(f"image {(finding.get('image') or {}).get('sop_instance_uid')}: {top}")
+    return lines

@@ -118,6 +118,8 @@ def test_ask_against_live_servers_is_cited_and_fully_traced(
         f"GET Condition?patient={CXR['patient_id']}",
         f"instance={pa['sop_instance_uid']}",
         "MODEL CALL  medgemma.generate",
+        f"PIXELS      {pa['sop_instance_uid']}: decode Explicit VR Little Endian",
+        f"image {pa['sop_instance_uid']}: ",
         "NODE ✓      reason",
         "RUN END     status=ok",
     ):
