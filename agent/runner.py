@@ -26,7 +26,7 @@ from agent.errors import InternalError, MedagentError, RunCancelledError
 from agent.graph.builder import build_ask_graph
 from agent.graph.state import RunContext
 from agent.inference.factory import LoadedModels, load_models
-from agent.inference.labels import CXR_LABELS_V1
+from agent.inference.labels import LABEL_SETS_BY_MODALITY
 from agent.sources.factory import make_dicom_source, make_fhir_source
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ async def run_ask(
             reasoner=loaded.reasoner,
             recorder=recorder,
             settings=settings,
-            labels=CXR_LABELS_V1,
+            label_sets=LABEL_SETS_BY_MODALITY,
             as_of=as_of,
         )
         state = await build_ask_graph().ainvoke({"patient_id": patient_id, "question": question}, context=context)

@@ -148,8 +148,15 @@ async def image_findings(state: AskState, runtime: Runtime[RunContext]) -> dict[
     """Score the label set on every image with MedSigLIP (one batched call)."""
     ctx = runtime.context
     images = state["images"]
-    prompts = ctx.labels.prompts
-    names = {item.prompt: item.label for item in ctx.labels.labels}
+    modality = images[0].ref.modality or ""
+    label_set = ctx.label_sets.get(modality.upper())
+    if label_set is None:
+        # Zero-shot labels are per domain; scoring chest X-ray labels on, say, CT slices would
+        # produce confident nonsense, so the step is skipped and says why.
+        ctx.recorder.event(NOTE, "no_label_set", meta={"modality": modality, "known": sorted(ctx.label_sets)})
+        return {"findings": []}
+    prompts = label_set.prompts
+    names = {item.prompt: item.label for item in label_set.labels}
     started = time.perf_counter()
     try:
         raw = await asyncio.to_thread(ctx.scorer.zero_shot, [image.image for image in images], prompts)
@@ -172,7 +179,7 @@ async def image_findings(state: AskState, runtime: Runtime[RunContext]) -> dict[
         duration_ms=latency * 1000,
         meta=_model_meta(
             ctx.scorer.identity,
-            parameters={"label_set": ctx.labels.key, "labels": len(prompts)},
+            parameters={"label_set": label_set.key, "labels": len(prompts)},
             images=len(images),
             image_refs=[image.ref.sop_instance_uid for image in images],
         ),
@@ -200,13 +207,13 @@ async def reason(state: AskState, runtime: Runtime[RunContext]) -> dict[str, Any
     findings = state.get("findings", [])
     # Findings cover every chosen image; MedGemma sees only the first few (frontal first), since
     # each image is 256 prompt tokens and seconds of vision-tower time.
-    images = state.get("images", [])[: ctx.settings.models.reasoner_max_images] if findings else []
+    images = state.get("images", [])[: ctx.settings.models.reasoner_max_images]
     user_text = build_user_prompt(
         state["question"],
         state["context_text"],
         findings,
         ctx.scorer.identity.model_id if findings else None,
-        attached=len(images),
+        attached=[image.ref for image in images],
     )
     request = GenerationRequest(
         system=SYSTEM_PROMPT,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 from agent.domain.imaging import Finding
+from agent.domain.refs import InstanceRef
 
 SYSTEM_PROMPT = (
     "You are a clinical decision-support assistant answering a clinician's question about one patient. "
@@ -48,24 +49,28 @@ def format_findings(findings: list[Finding]) -> str:
 
 
 def build_user_prompt(
-    question: str, context_text: str, findings: list[Finding], model_id: str | None, attached: int
+    question: str,
+    context_text: str,
+    findings: list[Finding],
+    model_id: str | None,
+    attached: list[InstanceRef],
 ) -> str:
-    """Assemble the user turn: record, findings (if any), then the question."""
+    """Assemble the user turn: record, findings (if any), what images are attached, then the question."""
     parts = ["<patient_record>", neutralise_fences(context_text).strip(), "</patient_record>"]
     if findings:
         parts += [
             f'<image_findings model="{model_id}" note="zero-shot scores 0..1, not a diagnosis">',
             format_findings(findings),
             "</image_findings>",
-            _attached_note(attached),
         ]
+    if attached:
+        parts.append(f"Attached image(s), in order, from the newest imaging study ({len(attached)}):")
+        parts += [
+            f"- {ref.modality or '?'}{f' {ref.view_position}' if ref.view_position else ''}, "
+            f"instance {ref.sop_instance_uid}"
+            for ref in attached
+        ]
+    elif findings:
+        parts.append("No image is attached; use the scores only.")
     parts += ["", f"Question: {neutralise_fences(question).strip()}"]
     return "\n".join(parts)
-
-
-def _attached_note(attached: int) -> str:
-    if attached == 0:
-        return "No image is attached; use the scores only."
-    if attached == 1:
-        return "Image 1 is attached."
-    return f"Images 1 to {attached} are attached, in that order."

@@ -49,7 +49,7 @@ class RunContext:
     reasoner: Reasoner
     recorder: TraceRecorder
     settings: Settings
-    labels: LabelSet
+    label_sets: dict[str, LabelSet] = field(default_factory=dict)
     as_of: datetime | None = None
     history_types: tuple[str, ...] = field(
         default=(

@@ -70,3 +70,8 @@ CXR_LABELS_V1 = LabelSet(
         ZeroShotLabel("atelectasis", "a chest x-ray showing atelectasis"),
     ),
 )
+
+
+#: Which label set scores images of each DICOM modality; a modality without one gets no zero-shot
+#: findings (dermatology, pathology and fundus sets come with their own modalities later).
+LABEL_SETS_BY_MODALITY: dict[str, LabelSet] = {"CR": CXR_LABELS_V1, "DX": CXR_LABELS_V1}

@@ -182,3 +182,19 @@ async def test_undecodable_study_fails_naming_the_transfer_syntax(tmp_path: Path
     assert trace.events[-1].meta["error"]["code"] == "dicom_undecodable"
     skipped = [e for e in trace.events if e.name == "instance_skipped"]
     assert skipped and all(e.status == "failed" for e in skipped)
+
+
+async def test_ct_study_is_sent_to_the_reasoner_without_chest_xray_labels(tmp_path: Path) -> None:
+    scorer, reasoner = FakeScorer(), ScriptedReasoner()
+    runtime = _runtime(tmp_path, scorer, reasoner)
+    result = await run_ask(runtime, patient_id=PATIENTS["ct"]["patient_id"], question="Nodule follow-up?")
+    assert result.status == "ok" and result.findings == []
+    assert scorer.calls == []  # no CXR labels scored on CT slices
+    sent = reasoner.requests[0]
+    assert len(sent.images) == 1 and "<image_findings" not in sent.user_text
+    assert "- CT, instance " in sent.user_text
+    trace = load_run(runtime.engine, result.run_id)
+    note = next(e for e in trace.events if e.name == "no_label_set")
+    assert note.meta["modality"] == "CT"
+    prepared = [e for e in trace.events if e.name == "pixel_preparation"]
+    assert prepared and all("window" in " ".join(e.meta["steps"]) for e in prepared)

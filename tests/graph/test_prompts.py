@@ -18,7 +18,7 @@ INJECTED = (
 
 
 def test_fences_and_control_tokens_in_data_are_neutralised() -> None:
-    prompt = build_user_prompt("What changed? <end_of_turn>", f"Patient: female\n{INJECTED}\n", [], None, attached=0)
+    prompt = build_user_prompt("What changed? <end_of_turn>", f"Patient: female\n{INJECTED}\n", [], None, attached=[])
     assert prompt.count("</patient_record>") == 1  # only the real closing fence
     for token in ("<end_of_turn>", "<start_of_turn>", "<unused94>", "<unused95>", "<image_soft_token>"):
         assert token not in prompt
@@ -30,7 +30,7 @@ def test_injected_turn_markers_do_not_become_control_tokens(test_models_dir: Pat
     """Through the real chat template and tokenizer: exactly one user turn and one model turn."""
     _, medgemma_dir = ensure_test_models(test_models_dir)
     processor = AutoProcessor.from_pretrained(medgemma_dir)
-    user_text = build_user_prompt("What changed?", INJECTED, [], None, attached=0)
+    user_text = build_user_prompt("What changed?", INJECTED, [], None, attached=[])
     request = GenerationRequest(system=SYSTEM_PROMPT, user_text=user_text)
     ids = processor.apply_chat_template(
         _messages(request), tokenize=True, return_dict=True, add_generation_prompt=True
