@@ -7,18 +7,22 @@ user-facing ones. With ``--json`` the command prints exactly one JSON object on 
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import logging
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from agent.config import DEFAULT_FIXTURES, Settings, get_settings
 from agent.domain.answer import AskResult
 from agent.errors import ConfigError, MedagentError
+
+if TYPE_CHECKING:
+    from agent.runner import AgentRuntime
 
 app = typer.Typer(help="medagent: an auditable clinical agent over FHIR R4 and DICOM.", no_args_is_help=True)
 audit_app = typer.Typer(help="Review run traces.", no_args_is_help=True)
@@ -141,7 +145,14 @@ def _test_model_banner(result: AskResult, banner: str | None) -> str | None:
     return f"{rule}\n{text}\n{rule}"
 
 
-def _ask(settings: Settings, patient_id: str, question: str, as_of: datetime | None, as_json: bool) -> None:
+def _ask(
+    settings: Settings,
+    patient_id: str,
+    question: str,
+    as_of: datetime | None,
+    as_json: bool,
+    who: dict[str, str | None] | None = None,
+) -> None:
     from transformers.utils import logging as hf_logging
 
     from agent.runner import AgentRuntime, run_ask
@@ -149,7 +160,18 @@ def _ask(settings: Settings, patient_id: str, question: str, as_of: datetime | N
     hf_logging.disable_progress_bar()  # weight-loading bars would bury the answer
     runtime = AgentRuntime(settings=settings)
     try:
-        result = asyncio.run(run_ask(runtime, patient_id=patient_id, question=question, as_of=as_of))
+        who = who or _default_who()
+        result = asyncio.run(
+            run_ask(
+                runtime,
+                patient_id=patient_id,
+                question=question,
+                as_of=as_of,
+                user_id=who.get("user_id"),
+                user_role=who.get("user_role"),
+                purpose_of_use=who.get("purpose_of_use"),
+            )
+        )
     except MedagentError as exc:
         _fail(exc, as_json=as_json)
         return
@@ -158,6 +180,15 @@ def _ask(settings: Settings, patient_id: str, question: str, as_of: datetime | N
         typer.echo(result.model_dump_json())
     else:
         _print_result(result, banner=_test_model_banner(result, loaded.banner))
+
+
+def _default_who() -> dict[str, str | None]:
+    """Return who is asking from the command line: the OS user, as a clinician, for treatment."""
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = None
+    return {"user_id": user, "user_role": "clinician", "purpose_of_use": "TREAT"}
 
 
 def _parse_as_of(value: str | None) -> datetime | None:
@@ -181,6 +212,9 @@ def ask(
     db: DbOpt = None,
     test_models: TestModelsOpt = False,
     as_of: Annotated[str | None, typer.Option("--as-of", help="Reference date for relative times.")] = None,
+    user: Annotated[str | None, typer.Option(help="Who is asking (default: the OS user); recorded.")] = None,
+    role: Annotated[str, typer.Option(help="The asker's role; recorded.")] = "clinician",
+    purpose: Annotated[str, typer.Option(help="Purpose of use (HL7 v3 code, e.g. TREAT); recorded.")] = "TREAT",
     as_json: JsonOpt = False,
 ) -> None:
     """Answer a question about one patient; print answer, sources, citations and run id."""
@@ -197,7 +231,10 @@ def ask(
     except MedagentError as exc:
         _fail(exc, as_json=as_json)
         return
-    _ask(settings, patient, question, when, as_json)
+    who = {**_default_who(), "user_role": role, "purpose_of_use": purpose}
+    if user:
+        who["user_id"] = user
+    _ask(settings, patient, question, when, as_json, who)
 
 
 @app.command()
@@ -230,22 +267,51 @@ def demo(
     _ask(settings, patient["patient_id"], DEMO_QUESTION, None, as_json)
 
 
+def _audit_runtime(db: str | None) -> AgentRuntime:
+    """Return a runtime for reading the trace (schema checked, runs of dead processes closed)."""
+    from agent.runner import AgentRuntime
+
+    runtime = AgentRuntime(settings=_settings(db=db))
+    runtime.ensure_schema()
+    return runtime
+
+
+def _parse_date(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ConfigError(f"{option} must be an ISO date or date-time, got {value!r}") from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
 @audit_app.command("list")
 def audit_list(
     db: DbOpt = None,
     limit: Annotated[int, typer.Option(help="How many runs, newest first.")] = 50,
     patient: Annotated[str | None, typer.Option(help="Only runs about this patient id.")] = None,
+    user: Annotated[str | None, typer.Option(help="Only runs asked by this user id.")] = None,
+    since: Annotated[str | None, typer.Option(help="Only runs started at or after (ISO date/time, UTC).")] = None,
+    until: Annotated[str | None, typer.Option(help="Only runs started before (ISO date/time, UTC).")] = None,
+    status: Annotated[str | None, typer.Option(help="ok, failed, cancelled, interrupted or running.")] = None,
+    trigger: Annotated[str | None, typer.Option(help="cli, api, summary, subscription, cds-hook...")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List recorded runs, newest first."""
-    from agent.audit.reader import list_runs
+    """List recorded runs, newest first, optionally filtered."""
+    from agent.audit.reader import RunFilter, list_runs
     from agent.audit.render import render_run_list
-    from agent.runner import AgentRuntime
 
     try:
-        runtime = AgentRuntime(settings=_settings(db=db))
-        runtime.ensure_schema()
-        runs = list_runs(runtime.engine, limit=limit, patient_ref=f"Patient/{patient}" if patient else None)
+        filters = RunFilter(
+            patient_ref=f"Patient/{patient}" if patient else None,
+            user_id=user,
+            since=_parse_date(since, "--since"),
+            until=_parse_date(until, "--until"),
+            status=status,
+            trigger=trigger,
+        )
+        runs = list_runs(_audit_runtime(db).engine, limit=limit, filters=filters)
     except MedagentError as exc:
         _fail(exc, as_json=as_json)
         return
@@ -263,17 +329,39 @@ def audit_show(
     as_json: JsonOpt = False,
 ) -> None:
     """Print a run's steps in order: nodes, FHIR requests, DICOM retrievals, model calls."""
-    from agent.audit.db import make_engine
     from agent.audit.reader import load_run
     from agent.audit.render import render_run
 
     try:
-        settings = _settings(db=db)
-        trace = load_run(make_engine(settings.db.url.get_secret_value()), run_id, include_content=not no_content)
+        runtime = _audit_runtime(db)
+        trace = load_run(runtime.engine, run_id, include_content=not no_content, cipher=runtime.cipher)
     except MedagentError as exc:
         _fail(exc, as_json=as_json)
         return
     typer.echo(trace.model_dump_json() if as_json else render_run(trace))
+
+
+@audit_app.command("verify")
+def audit_verify(
+    run: Annotated[str | None, typer.Option("--run", help="Verify one run only (default: everything).")] = None,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check the hash chain, content, run rows, Merkle roots and signed checkpoints; exit 1 if anything is broken."""
+    from agent.audit.keys import verifiers_for
+    from agent.audit.verify import report_lines, verify_trace
+
+    try:
+        runtime = _audit_runtime(db)
+        report = verify_trace(runtime.engine, verifiers=verifiers_for(runtime.signer), run_id=run)
+    except MedagentError as exc:
+        _fail(exc, as_json=as_json)
+        return
+    if as_json:
+        typer.echo(report.model_dump_json())
+    else:
+        typer.echo("\n".join(report_lines(report)))
+    raise typer.Exit(0 if report.ok else 1)
 
 
 @db_app.command("upgrade")

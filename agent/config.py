@@ -85,6 +85,16 @@ class DbSettings(BaseModel):
     auto_migrate: bool = Field(True, description="Apply migrations before the first run (dev only).")
 
 
+class AuditSettings(BaseModel):
+    """Integrity and confidentiality of the trace; keys live here, never in the database."""
+
+    hmac_key: SecretStr | None = Field(None, description="Shared secret for HMAC-SHA256 checkpoint signatures.")
+    ed25519_private_key_file: Path | None = Field(None, description="PEM Ed25519 key that signs checkpoints.")
+    ed25519_public_key_file: Path | None = Field(None, description="PEM public key: verify without signing.")
+    content_key: SecretStr | None = Field(None, description="Fernet key encrypting prompts, outputs and notes.")
+    checkpoint_every: int = Field(100, ge=1, description="Write a signed checkpoint every N records (and per run).")
+
+
 class ServiceSettings(BaseModel):
     """The HTTP API."""
 
@@ -108,6 +118,7 @@ class Settings(BaseSettings):
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
     db: DbSettings = Field(default_factory=DbSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
 
     @model_validator(mode="after")
@@ -117,6 +128,8 @@ class Settings(BaseSettings):
                 raise ValueError("test models are refused when environment=prod")
             if self.db.url.get_secret_value().startswith("sqlite"):
                 raise ValueError("environment=prod needs a server database, not SQLite")
+            if not (self.audit.hmac_key or self.audit.ed25519_private_key_file):
+                raise ValueError("environment=prod needs an audit signing key (MEDAGENT_AUDIT__HMAC_KEY or an Ed25519 key file)")
         return self
 
     def masked(self) -> dict[str, Any]:

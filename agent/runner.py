@@ -15,11 +15,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Engine
 
 from agent.audit.db import ensure_schema, make_engine
+from agent.audit.keys import CheckpointSigner, ContentCipher, signer_from_settings
 from agent.audit.recorder import MODEL_LOAD, TraceRecorder, settings_fingerprint
+from agent.audit.recovery import mark_interrupted_runs
 from agent.config import Settings
 from agent.domain.answer import AskResult
 from agent.errors import InternalError, MedagentError, RunCancelledError
@@ -57,12 +60,46 @@ class ModelCache:
 
 @dataclass
 class AgentRuntime:
-    """What a process keeps between runs: the trace engine and loaded models."""
+    """What a process keeps between runs: the trace engine, trace keys and loaded models."""
 
     settings: Settings
     models: ModelCache = field(default_factory=ModelCache)
     _engine: Engine | None = None
     _schema_checked: bool = False
+    _signer: CheckpointSigner | None = None
+    _cipher: ContentCipher | None = None
+
+    @property
+    def signer(self) -> CheckpointSigner:
+        """Return the checkpoint signer the settings describe."""
+        if self._signer is None:
+            audit = self.settings.audit
+            self._signer = signer_from_settings(
+                audit.hmac_key.get_secret_value() if audit.hmac_key else None,
+                audit.ed25519_private_key_file,
+                audit.ed25519_public_key_file,
+            )
+        return self._signer
+
+    @property
+    def cipher(self) -> ContentCipher | None:
+        """Return the content cipher, when a content key is configured."""
+        key = self.settings.audit.content_key
+        if self._cipher is None and key is not None:
+            self._cipher = ContentCipher(key.get_secret_value())
+        return self._cipher
+
+    def recorder_options(self) -> dict[str, Any]:
+        """Return the keyword arguments every TraceRecorder of this process gets."""
+        return {
+            "signer": self.signer,
+            "cipher": self.cipher,
+            "checkpoint_every": self.settings.audit.checkpoint_every,
+        }
+
+    def new_recorder(self) -> TraceRecorder:
+        """Return a recorder for a new run."""
+        return TraceRecorder(self.engine, **self.recorder_options())
 
     @property
     def engine(self) -> Engine:
@@ -72,9 +109,12 @@ class AgentRuntime:
         return self._engine
 
     def ensure_schema(self) -> None:
-        """Check (and in dev, apply) migrations once per process."""
+        """Check (and in dev, apply) migrations once per process, then close runs of dead processes."""
         if not self._schema_checked:
             ensure_schema(self.engine, auto_migrate=self.settings.db.auto_migrate)
+            interrupted = mark_interrupted_runs(self.engine, **self.recorder_options())
+            if interrupted:
+                log.warning("marked %d run(s) of ended processes as interrupted", len(interrupted))
             self._schema_checked = True
 
 
@@ -85,6 +125,9 @@ async def run_ask(
     question: str,
     trigger: str = "cli",
     user_id: str | None = None,
+    user_role: str | None = None,
+    purpose_of_use: str | None = None,
+    thread_id: str | None = None,
     as_of: datetime | None = None,
 ) -> AskResult:
     """Answer a question about a patient, recording every step.
@@ -95,13 +138,16 @@ async def run_ask(
     """
     settings = runtime.settings
     runtime.ensure_schema()
-    recorder = TraceRecorder(runtime.engine)
+    recorder = runtime.new_recorder()
     recorder.start_run(
         kind="ask",
         trigger=trigger,
         patient_ref=f"Patient/{patient_id}",
         settings_fingerprint=settings_fingerprint(settings.masked()),
         user_id=user_id,
+        user_role=user_role,
+        purpose_of_use=purpose_of_use,
+        thread_id=thread_id,
         request={"question": question, "patient_id": patient_id},
     )
     fhir = make_fhir_source(settings.fhir, recorder)

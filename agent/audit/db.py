@@ -36,7 +36,16 @@ def make_engine(url: str) -> Engine:
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
+            # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin ...
+            dbapi_conn.isolation_level = None
+
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(conn: Any) -> None:
+            # ... and begin them IMMEDIATE: the write lock is taken up front, so two processes
+            # appending to the hash chain are serialised instead of both reading the same head.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True)

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from agent.audit.keys import ContentCipher
 from agent.audit.recorder import RUN_FINISHED
 from agent.audit.tables import AuditContent, AuditEvent, AuditRun
 from agent.errors import AuditError, RunNotFoundError
@@ -23,6 +24,8 @@ class TraceEvent(BaseModel):
     """One event as read back."""
 
     seq: int
+    chain_seq: int
+    hash: str
     kind: str
     name: str
     at: datetime
@@ -42,6 +45,10 @@ class RunSummary(BaseModel):
     patient_ref: str | None
     status: str
     events: int
+    user_id: str | None = None
+    user_role: str | None = None
+    purpose_of_use: str | None = None
+    thread_id: str | None = None
 
 
 class RunTrace(BaseModel):
@@ -62,17 +69,43 @@ def _utc(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-def list_runs(engine: Engine, *, limit: int = 50, patient_ref: str | None = None) -> list[RunSummary]:
+class RunFilter(BaseModel):
+    """Filters of ``audit list`` (all optional, combined with AND)."""
+
+    patient_ref: str | None = None
+    user_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    status: str | None = None
+    trigger: str | None = None
+
+
+def list_runs(
+    engine: Engine, *, limit: int = 50, patient_ref: str | None = None, filters: RunFilter | None = None
+) -> list[RunSummary]:
     """Return the newest runs first, with their derived status and event count."""
+    filters = filters or RunFilter(patient_ref=patient_ref)
     try:
         with Session(engine) as session:
-            query = select(AuditRun).order_by(AuditRun.created_at.desc()).limit(limit)
-            if patient_ref:
-                query = query.where(AuditRun.patient_ref == patient_ref)
-            runs = session.scalars(query).all()
+            query = select(AuditRun).order_by(AuditRun.created_at.desc())
+            if filters.patient_ref:
+                query = query.where(AuditRun.patient_ref == filters.patient_ref)
+            if filters.user_id:
+                query = query.where(AuditRun.user_id == filters.user_id)
+            if filters.trigger:
+                query = query.where(AuditRun.trigger == filters.trigger)
+            if filters.since:
+                query = query.where(AuditRun.created_at >= filters.since)
+            if filters.until:
+                query = query.where(AuditRun.created_at < filters.until)
             summaries = []
-            for run in runs:
-                summaries.append(_summary(session, run))
+            # Status is derived from records, so it is filtered here rather than in SQL.
+            for run in session.scalars(query):
+                summary = _summary(session, run)
+                if filters.status is None or summary.status == filters.status:
+                    summaries.append(summary)
+                    if len(summaries) >= limit:
+                        break
             return summaries
     except AuditError:
         raise
@@ -96,10 +129,16 @@ def _summary(session: Session, run: AuditRun) -> RunSummary:
         patient_ref=run.patient_ref,
         status=_status_of(finished),
         events=count,
+        user_id=run.user_id,
+        user_role=run.user_role,
+        purpose_of_use=run.purpose_of_use,
+        thread_id=run.thread_id,
     )
 
 
-def load_run(engine: Engine, run_id: str, *, include_content: bool = True) -> RunTrace:
+def load_run(
+    engine: Engine, run_id: str, *, include_content: bool = True, cipher: ContentCipher | None = None
+) -> RunTrace:
     """Return one run with its events in order.
 
     Args:
@@ -107,6 +146,8 @@ def load_run(engine: Engine, run_id: str, *, include_content: bool = True) -> Ru
         run_id: the run to read.
         include_content: attach PHI-bearing content (prompts, outputs); metadata-only review
             passes False.
+        cipher: decrypts encrypted content; without it such content reads as
+            ``{"encrypted": true}``.
 
     Raises:
         RunNotFoundError: no such run.
@@ -121,10 +162,12 @@ def load_run(engine: Engine, run_id: str, *, include_content: bool = True) -> Ru
             contents: dict[int, Any] = {}
             if include_content:
                 for row in session.scalars(select(AuditContent).where(AuditContent.run_id == run_id)):
-                    contents[row.id] = json.loads(row.body)
+                    contents[row.id] = _decode(row, cipher)
             events = [
                 TraceEvent(
                     seq=row.seq,
+                    chain_seq=row.chain_seq,
+                    hash=row.hash,
                     kind=row.kind,
                     name=row.name,
                     at=_utc(row.at),
@@ -145,3 +188,12 @@ def load_run(engine: Engine, run_id: str, *, include_content: bool = True) -> Ru
         raise
     except Exception as exc:
         raise AuditError(f"cannot read the trace database: {type(exc).__name__}") from exc
+
+
+def _decode(row: AuditContent, cipher: ContentCipher | None) -> Any:
+    """Return a content row as JSON data, decrypting it when it is encrypted and a key is given."""
+    if row.media_type == ContentCipher.media_type:
+        if cipher is None:
+            return {"encrypted": True}
+        return json.loads(cipher.decrypt(row.body))
+    return json.loads(row.body)

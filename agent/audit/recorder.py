@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import threading
 import time
 import uuid
@@ -17,11 +19,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
 from agent import __version__
-from agent.audit.tables import AuditContent, AuditEvent, AuditRun, utcnow
+from agent.audit.chain import GENESIS_HASH, canonical_json, event_hash, sha256_hex
+from agent.audit.keys import CheckpointSigner, ContentCipher, DigestSigner
+from agent.audit.tables import AuditCheckpoint, AuditContent, AuditEvent, AuditRun, utcnow
 from agent.domain.events import DicomRetrievalEvent, FhirRequestEvent
 from agent.errors import AuditError, MedagentError
 
@@ -36,6 +40,43 @@ MODEL_CALL = "model_call"
 MODEL_LOAD = "model_load"
 NOTE = "note"
 
+#: Run statuses a ``run_finished`` record can carry.
+FINAL_STATUSES = ("ok", "failed", "cancelled", "interrupted")
+#: PostgreSQL advisory lock key serialising appends to the one global chain.
+CHAIN_LOCK_KEY = 0x6D656461  # "meda"
+
+
+def checkpoint_message(chain_seq: int, head_hash: str) -> bytes:
+    """Return the exact bytes a checkpoint signs."""
+    return f"medagent-checkpoint:v1:{chain_seq}:{head_hash}".encode()
+
+
+def process_identity() -> dict[str, Any]:
+    """Return host, pid and the process start tick, so a later process can tell if this one died."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid())}
+
+
+def _process_start(pid: int) -> str | None:
+    # Field 22 of /proc/<pid>/stat is the start time in clock ticks since boot: with the pid it
+    # identifies a process even after the pid is reused.
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def process_alive(identity: dict[str, Any]) -> bool:
+    """Return whether the process described by :func:`process_identity` still runs here."""
+    if identity.get("host") != socket.gethostname():
+        return True  # another host's process: not ours to judge
+    pid = identity.get("pid")
+    if not isinstance(pid, int):
+        return False
+    start = _process_start(pid)
+    return start is not None and start == identity.get("pid_start")
+
 
 def settings_fingerprint(masked_settings: dict[str, Any]) -> str:
     """Hash the (secret-masked) effective settings, so runs can be grouped by configuration."""
@@ -46,13 +87,32 @@ def settings_fingerprint(masked_settings: dict[str, Any]) -> str:
 class TraceRecorder:
     """Append-only writer of one run's trace."""
 
-    def __init__(self, engine: Engine, run_id: str | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        run_id: str | None = None,
+        *,
+        signer: CheckpointSigner | None = None,
+        cipher: ContentCipher | None = None,
+        checkpoint_every: int = 100,
+        next_seq: int = 1,
+    ) -> None:
         self.engine = engine
         self.run_id = run_id or str(uuid.uuid4())
-        self._seq = 0
+        self.signer = signer or DigestSigner()
+        self.cipher = cipher
+        self.checkpoint_every = checkpoint_every
+        self._seq = next_seq - 1
         self._lock = threading.Lock()
         self.current_node: str | None = None
         self.finished_status: str | None = None
+
+    @classmethod
+    def resume(cls, engine: Engine, run_id: str, **kwargs: Any) -> TraceRecorder:
+        """Return a recorder that appends to an existing run (e.g. to mark it interrupted)."""
+        with Session(engine) as session:
+            last = session.scalar(select(func.max(AuditEvent.seq)).where(AuditEvent.run_id == run_id)) or 0
+        return cls(engine, run_id, next_seq=last + 1, **kwargs)
 
     # -- run lifecycle -------------------------------------------------------------------------
     def start_run(
@@ -63,32 +123,48 @@ class TraceRecorder:
         patient_ref: str | None,
         settings_fingerprint: str,
         user_id: str | None = None,
+        user_role: str | None = None,
+        purpose_of_use: str | None = None,
+        thread_id: str | None = None,
         request: dict[str, Any] | None = None,
     ) -> None:
-        """Write the run row and its ``run_started`` event (the request text stored as content)."""
-        run = AuditRun(
-            id=self.run_id,
-            created_at=utcnow(),
-            kind=kind,
-            trigger=trigger,
-            patient_ref=patient_ref,
-            user_id=user_id,
-            software_version=__version__,
-            settings_fingerprint=settings_fingerprint,
-        )
+        """Write the run row and its ``run_started`` record (the request text stored as content).
+
+        The run row's fields are repeated in the chained ``run_started`` record, so a changed
+        run row is detected by verification.
+        """
+        fields = {
+            "kind": kind,
+            "trigger": trigger,
+            "patient_ref": patient_ref,
+            "user_id": user_id,
+            "user_role": user_role,
+            "purpose_of_use": purpose_of_use,
+            "thread_id": thread_id,
+            "software_version": __version__,
+            "settings_fingerprint": settings_fingerprint,
+        }
         try:
             with Session(self.engine) as session, session.begin():
-                session.add(run)
+                session.add(AuditRun(id=self.run_id, created_at=utcnow(), **fields))
         except Exception as exc:
             raise AuditError(f"cannot start the run's trace: {type(exc).__name__}") from exc
-        self.event(RUN_STARTED, kind, meta={"trigger": trigger}, content=request)
+        self.event(RUN_STARTED, kind, meta={"run": fields, "process": process_identity()}, content=request)
 
-    def finish_run(self, status: str, *, error: MedagentError | None = None) -> None:
-        """Append the final status (``ok`` or ``failed``), with the failing step and error code."""
+    def finish_run(self, status: str, *, error: MedagentError | None = None, reason: str | None = None) -> None:
+        """Append the final status with the run's Merkle root, then a signed checkpoint.
+
+        Args:
+            status: one of :data:`FINAL_STATUSES`.
+            error: the failure, recorded with the failing step and its code.
+            reason: why, when there is no error object (e.g. an interrupted run).
+        """
         meta: dict[str, Any] = {}
         if error is not None:
             meta = {"error": error.to_dict(), "failing_step": self.current_node}
-        self.event(RUN_FINISHED, status, status=status, meta=meta)
+        if reason:
+            meta["reason"] = reason
+        self.event(RUN_FINISHED, status, status=status, meta=meta, with_merkle_root=True, checkpoint=True)
         self.finished_status = status
 
     # -- events --------------------------------------------------------------------------------
@@ -101,8 +177,10 @@ class TraceRecorder:
         duration_ms: float | None = None,
         meta: dict[str, Any] | None = None,
         content: Any = None,
+        with_merkle_root: bool = False,
+        checkpoint: bool = False,
     ) -> int:
-        """Append one event (and its PHI content, stored apart) and commit; return its seq.
+        """Append one chained record (and its PHI content, stored apart) and commit; return its seq.
 
         Raises:
             AuditError: the database did not accept the write; the run must stop.
@@ -111,29 +189,105 @@ class TraceRecorder:
             seq = self._seq + 1
             try:
                 with Session(self.engine) as session, session.begin():
-                    content_id = None
-                    if content is not None:
-                        row = AuditContent(run_id=self.run_id, body=json.dumps(content, default=str))
-                        session.add(row)
-                        session.flush()
-                        content_id = row.id
-                    session.add(
-                        AuditEvent(
-                            run_id=self.run_id,
-                            seq=seq,
-                            kind=kind,
-                            name=name[:200],
-                            at=utcnow(),
-                            duration_ms=duration_ms,
-                            status=status,
-                            meta=meta or {},
-                            content_id=content_id,
-                        )
+                    self._append(
+                        session,
+                        seq=seq,
+                        kind=kind,
+                        name=name,
+                        status=status,
+                        duration_ms=duration_ms,
+                        meta=meta or {},
+                        content=content,
+                        with_merkle_root=with_merkle_root,
+                        checkpoint=checkpoint,
                     )
             except Exception as exc:
                 raise AuditError(f"cannot write to the trace ({kind}): {type(exc).__name__}") from exc
             self._seq = seq
             return seq
+
+    def _append(
+        self,
+        session: Session,
+        *,
+        seq: int,
+        kind: str,
+        name: str,
+        status: str | None,
+        duration_ms: float | None,
+        meta: dict[str, Any],
+        content: Any,
+        with_merkle_root: bool,
+        checkpoint: bool,
+    ) -> None:
+        lock_chain(session)
+        last = session.execute(
+            select(AuditEvent.chain_seq, AuditEvent.hash).order_by(AuditEvent.chain_seq.desc()).limit(1)
+        ).first()
+        chain_seq = last.chain_seq + 1 if last else 1
+        prev_hash = last.hash if last else GENESIS_HASH
+        content_id = content_hash = None
+        if content is not None:
+            body = canonical_json(content)
+            media_type = "application/json"
+            if self.cipher is not None:
+                body, media_type = self.cipher.encrypt(body), self.cipher.media_type
+            row = AuditContent(run_id=self.run_id, media_type=media_type, body=body)
+            session.add(row)
+            session.flush()
+            content_id, content_hash = row.id, sha256_hex(body)
+        if with_merkle_root:
+            from agent.audit.chain import merkle_root
+
+            hashes = session.scalars(
+                select(AuditEvent.hash).where(AuditEvent.run_id == self.run_id).order_by(AuditEvent.seq)
+            ).all()
+            meta = {**meta, "merkle_root": merkle_root(list(hashes)), "merkle_leaves": len(hashes)}
+        # Stored exactly as hashed: the JSON round-trip makes meta what the database gives back.
+        meta = json.loads(canonical_json(meta))
+        at = utcnow()
+        duration = round(duration_ms, 3) if duration_ms is not None else None
+        digest = event_hash(
+            chain_seq=chain_seq,
+            prev_hash=prev_hash,
+            run_id=self.run_id,
+            seq=seq,
+            kind=kind,
+            name=name[:200],
+            at=at,
+            duration_ms=duration,
+            status=status,
+            meta=meta,
+            content_hash=content_hash,
+        )
+        session.add(
+            AuditEvent(
+                run_id=self.run_id,
+                seq=seq,
+                chain_seq=chain_seq,
+                prev_hash=prev_hash,
+                hash=digest,
+                content_hash=content_hash,
+                kind=kind,
+                name=name[:200],
+                at=at,
+                duration_ms=duration,
+                status=status,
+                meta=meta,
+                content_id=content_id,
+            )
+        )
+        if checkpoint or chain_seq % self.checkpoint_every == 0:
+            session.add(
+                AuditCheckpoint(
+                    created_at=at,
+                    chain_seq=chain_seq,
+                    head_hash=digest,
+                    algorithm=self.signer.algorithm,
+                    key_id=self.signer.key_id,
+                    signature=self.signer.sign(checkpoint_message(chain_seq, digest)),
+                )
+            )
 
     @contextmanager
     def node(self, name: str) -> Iterator[None]:
@@ -177,3 +331,13 @@ class TraceRecorder:
             duration_ms=event.duration_ms,
             meta=event.model_dump(exclude={"duration_ms"}),
         )
+
+
+def lock_chain(session: Session) -> None:
+    """Serialise appends to the global chain for the rest of this transaction.
+
+    PostgreSQL: a transaction-scoped advisory lock. SQLite: the engine opens every transaction
+    with ``BEGIN IMMEDIATE`` (agent/audit/db.py), which already holds the database's write lock.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK_KEY})

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -44,7 +44,10 @@ class AuditRun(Base):
     kind: Mapped[str] = mapped_column(String(32))
     trigger: Mapped[str] = mapped_column(String(32))
     patient_ref: Mapped[str | None] = mapped_column(String(200), index=True)
-    user_id: Mapped[str | None] = mapped_column(String(200))
+    user_id: Mapped[str | None] = mapped_column(String(200), index=True)
+    user_role: Mapped[str | None] = mapped_column(String(64))
+    purpose_of_use: Mapped[str | None] = mapped_column(String(64))
+    thread_id: Mapped[str | None] = mapped_column(String(100))
     software_version: Mapped[str] = mapped_column(String(40))
     settings_fingerprint: Mapped[str] = mapped_column(String(64))
 
@@ -61,12 +64,19 @@ class AuditContent(Base):
 
 
 class AuditEvent(Base):
-    """One step of a run, in order (``seq`` is gap-free per run)."""
+    """One step of a run: ``seq`` orders it in its run, ``chain_seq`` in the whole trace.
+
+    ``hash`` commits to every field, to the content's hash and to the previous record's hash.
+    """
 
     __tablename__ = "audit_events"
     __table_args__ = (UniqueConstraint("run_id", "seq", name="uq_audit_events_run_seq"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    chain_seq: Mapped[int] = mapped_column(BigInteger, unique=True)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+    content_hash: Mapped[str | None] = mapped_column(String(64))
     run_id: Mapped[str] = mapped_column(ForeignKey("audit_runs.id"), index=True)
     seq: Mapped[int] = mapped_column(Integer)
     kind: Mapped[str] = mapped_column(String(32))
@@ -76,3 +86,21 @@ class AuditEvent(Base):
     status: Mapped[str | None] = mapped_column(String(32))
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     content_id: Mapped[int | None] = mapped_column(ForeignKey("audit_content.id"))
+
+
+class AuditCheckpoint(Base):
+    """A signed statement of the chain's head: truncating the tail below it is detected."""
+
+    __tablename__ = "audit_checkpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    chain_seq: Mapped[int] = mapped_column(BigInteger, index=True)
+    head_hash: Mapped[str] = mapped_column(String(64))
+    algorithm: Mapped[str] = mapped_column(String(32))
+    key_id: Mapped[str] = mapped_column(String(64))
+    signature: Mapped[str] = mapped_column(Text)
+
+
+#: Tables that are append-only (database triggers refuse UPDATE and DELETE).
+AUDIT_TABLES = ("audit_runs", "audit_events", "audit_content", "audit_checkpoints")

@@ -60,6 +60,12 @@ async def fetch_history(state: AskState, runtime: Runtime[RunContext]) -> dict[s
     results = await asyncio.gather(*searches)
     resources = [resource for batch in results for resource in batch]
     history = build_context(patient, resources, as_of=ctx.as_of)
+    ctx.recorder.event(
+        NOTE,
+        "context",
+        meta={"sources": [ref.reference for ref in history.sources], "omitted": history.omitted},
+        content={"text": history.text},
+    )
     studies = [r for r in resources if r.get("resourceType") == "ImagingStudy"]
     return {
         "resources": resources,
