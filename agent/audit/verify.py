@@ -131,6 +131,13 @@ class _Checker:
                 f"{meta.get('merkle_leaves')} when it finished)",
             )
 
+    def check_finish_signed(self, finished: AuditEvent, has_checkpoint: bool) -> None:
+        """Every run's final record is checkpointed in the same transaction: a forged ending is not."""
+        if "merkle_root" not in (finished.meta or {}):
+            self.warnings.append(f"run {finished.run_id} predates Merkle roots (schema 0001): its end is unsigned")
+        elif not has_checkpoint:
+            self.problem("finish_unsigned", _where(finished), "the run's final record has no signed checkpoint")
+
     def check_checkpoint(self, checkpoint: AuditCheckpoint, head: AuditEvent | None, last_chain_seq: int) -> None:
         """A checkpoint is validly signed and still agrees with the chain."""
         where = f"checkpoint id={checkpoint.id} at chain_seq={checkpoint.chain_seq}"
@@ -204,6 +211,7 @@ def _verify_all(session: Session, verifiers: dict[str, CheckpointSigner], batch_
     open_runs: dict[str, tuple[list[int], list[str]]] = {}
     started: dict[str, AuditEvent] = {}
     referenced: set[int] = set()
+    finished: set[str] = set()
     checkpoint_heads = set(session.scalars(select(AuditCheckpoint.chain_seq)).all())
     heads: dict[int, AuditEvent] = {}
     for batch in _batches(session, batch_size):
@@ -223,10 +231,14 @@ def _verify_all(session: Session, verifiers: dict[str, CheckpointSigner], batch_
             if event.content_id is not None:
                 referenced.add(event.content_id)
             seqs, leaves = open_runs.setdefault(event.run_id, ([], []))
+            if event.run_id in finished:
+                checker.problem("record_after_finish", _where(event), "a record was added after the run finished")
             if event.kind == RUN_STARTED:
                 started[event.run_id] = event
             if event.kind == RUN_FINISHED:
                 checker.check_merkle(event, leaves)
+                finished.add(event.run_id)
+                checker.check_finish_signed(event, event.chain_seq in checkpoint_heads)
             seqs.append(event.seq)
             leaves.append(event.hash)
             if event.chain_seq in checkpoint_heads:
@@ -273,6 +285,7 @@ def _verify_run(session: Session, run_id: str, verifiers: dict[str, CheckpointSi
     }
     leaves: list[str] = []
     started = None
+    finished_at: AuditEvent | None = None
     for event in events:
         expected_prev = GENESIS_HASH if event.chain_seq == 1 else before.get(event.chain_seq - 1)
         if expected_prev is None:
@@ -281,10 +294,13 @@ def _verify_run(session: Session, run_id: str, verifiers: dict[str, CheckpointSi
             checker.problem("chain_broken", _where(event), "does not link to the record before it")
         body, content_run = contents.get(event.content_id, (None, None)) if event.content_id else (None, None)
         checker.check_record(event, body, content_run)
+        if finished_at is not None:
+            checker.problem("record_after_finish", _where(event), "a record was added after the run finished")
         if event.kind == RUN_STARTED:
             started = event
         if event.kind == RUN_FINISHED:
             checker.check_merkle(event, leaves)
+            finished_at = event
         leaves.append(event.hash)
     checker.check_run_row(run, started, run_id)
     checker.check_seqs(run_id, [e.seq for e in events])
@@ -306,6 +322,8 @@ def _verify_run(session: Session, run_id: str, verifiers: dict[str, CheckpointSi
         }
         for checkpoint in covering:
             checker.check_checkpoint(checkpoint, heads.get(checkpoint.chain_seq), last_chain_seq)
+    if finished_at is not None:
+        checker.check_finish_signed(finished_at, any(c.chain_seq == finished_at.chain_seq for c in covering))
     return VerifyReport(
         ok=not checker.problems,
         scope=f"run {run_id}",
