@@ -381,6 +381,23 @@ def db_upgrade(
     typer.echo(f"database at {revision}: {settings.masked()['db']['url']}")
 
 
+@db_app.command("grant-append-only")
+def db_grant_append_only(
+    role: Annotated[str, typer.Argument(help="PostgreSQL role the service connects as.")],
+    db: DbOpt = None,
+) -> None:
+    """Let a PostgreSQL role read and append to the trace, and revoke UPDATE, DELETE and TRUNCATE."""
+    from agent.audit.db import grant_append_only, make_engine
+
+    try:
+        engine = make_engine(_settings(db=db).db.url.get_secret_value())
+        grant_append_only(engine, role)
+    except MedagentError as exc:
+        _fail(exc, as_json=False)
+        return
+    typer.echo(f"{role}: SELECT, INSERT on the audit tables; UPDATE, DELETE, TRUNCATE revoked")
+
+
 @config_app.command("show")
 def config_show(
     fhir: FhirOpt = None,

@@ -129,7 +129,9 @@ class Settings(BaseSettings):
             if self.db.url.get_secret_value().startswith("sqlite"):
                 raise ValueError("environment=prod needs a server database, not SQLite")
             if not (self.audit.hmac_key or self.audit.ed25519_private_key_file):
-                raise ValueError("environment=prod needs an audit signing key (MEDAGENT_AUDIT__HMAC_KEY or an Ed25519 key file)")
+                raise ValueError(
+                    "environment=prod needs an audit signing key (MEDAGENT_AUDIT__HMAC_KEY or an Ed25519 key file)"
+                )
         return self
 
     def masked(self) -> dict[str, Any]:

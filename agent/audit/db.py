@@ -106,3 +106,32 @@ def ensure_schema(engine: Engine, *, auto_migrate: bool) -> None:
 def _safe(exc: Exception) -> str:
     """Return the first line of an exception message (driver messages can be long)."""
     return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+
+
+def grant_append_only(engine: Engine, role: str) -> None:
+    """Give a PostgreSQL role what the service needs on the trace, and nothing that could change it.
+
+    The role may SELECT and INSERT on the audit tables (and use their id sequences); UPDATE,
+    DELETE and TRUNCATE are revoked, so even with the triggers dropped it cannot alter history.
+
+    Raises:
+        ConfigError: not PostgreSQL, or an invalid role name.
+        AuditError: the grants failed.
+    """
+    from sqlalchemy import text
+
+    from agent.audit.tables import AUDIT_TABLES
+    from agent.errors import ConfigError
+
+    if engine.dialect.name != "postgresql":
+        raise ConfigError("role grants apply to PostgreSQL; SQLite relies on its triggers and file permissions")
+    if not role.replace("_", "").isalnum():
+        raise ConfigError(f"invalid role name {role!r}: letters, digits and underscores only")
+    tables = ", ".join(AUDIT_TABLES)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(f'GRANT SELECT, INSERT ON {tables} TO "{role}"'))
+            conn.execute(text(f'REVOKE UPDATE, DELETE, TRUNCATE ON {tables} FROM "{role}"'))
+            conn.execute(text(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO "{role}"'))
+    except Exception as exc:
+        raise AuditError(f"granting append-only access to {role} failed: {type(exc).__name__}: {_safe(exc)}") from exc
