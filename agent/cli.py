@@ -28,9 +28,11 @@ app = typer.Typer(help="medagent: an auditable clinical agent over FHIR R4 and D
 audit_app = typer.Typer(help="Review run traces.", no_args_is_help=True)
 db_app = typer.Typer(help="Trace database maintenance.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect settings.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: medians and ratios; the last line is JSON.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
+app.add_typer(bench_app, name="bench")
 
 DEMO_QUESTION = (
     "What are this patient's active problems and current medications, how have the heart-failure "
@@ -450,6 +452,21 @@ def serve(
         log_level="info",
         access_log=False,  # request paths carry patient ids: no PHI in logs
     )
+
+
+@bench_app.command("audit")
+def bench_audit(
+    records: Annotated[int, typer.Option(help="Records in the chain that is verified.")] = 1_000_000,
+    appends: Annotated[int, typer.Option(help="Records appended per database.")] = 2000,
+    repeats: Annotated[int, typer.Option(help="Runs per variant for the overhead median.")] = 15,
+    pg_url: Annotated[str | None, typer.Option(help="PostgreSQL URL (a scratch database).")] = None,
+) -> None:
+    """Measure recording overhead, append throughput (SQLite, PostgreSQL) and verification throughput."""
+    from agent.bench.audit import run_benchmark, scratch_postgres
+
+    with scratch_postgres(pg_url) as url:
+        results = run_benchmark(verify_records=records, appends=appends, repeats=repeats, pg_url=url)
+    typer.echo(json.dumps(results))
 
 
 def main() -> None:

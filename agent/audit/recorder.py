@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Connection, Engine, func, insert, select, text
 from sqlalchemy.orm import Session
 
 from agent import __version__
@@ -188,9 +188,9 @@ class TraceRecorder:
         with self._lock:
             seq = self._seq + 1
             try:
-                with Session(self.engine) as session, session.begin():
+                with self.engine.begin() as conn:
                     self._append(
-                        session,
+                        conn,
                         seq=seq,
                         kind=kind,
                         name=name,
@@ -208,7 +208,7 @@ class TraceRecorder:
 
     def _append(
         self,
-        session: Session,
+        conn: Connection,
         *,
         seq: int,
         kind: str,
@@ -220,8 +220,8 @@ class TraceRecorder:
         with_merkle_root: bool,
         checkpoint: bool,
     ) -> None:
-        lock_chain(session)
-        last = session.execute(
+        lock_chain(conn)
+        last = conn.execute(
             select(AuditEvent.chain_seq, AuditEvent.hash).order_by(AuditEvent.chain_seq.desc()).limit(1)
         ).first()
         chain_seq = last.chain_seq + 1 if last else 1
@@ -232,14 +232,14 @@ class TraceRecorder:
             media_type = "application/json"
             if self.cipher is not None:
                 body, media_type = self.cipher.encrypt(body), self.cipher.media_type
-            row = AuditContent(run_id=self.run_id, media_type=media_type, body=body)
-            session.add(row)
-            session.flush()
-            content_id, content_hash = row.id, sha256_hex(body)
+            inserted = conn.execute(insert(AuditContent).values(run_id=self.run_id, media_type=media_type, body=body))
+            key = inserted.inserted_primary_key
+            assert key is not None  # an INSERT always reports its primary key
+            content_id, content_hash = key[0], sha256_hex(body)
         if with_merkle_root:
             from agent.audit.chain import merkle_root
 
-            hashes = session.scalars(
+            hashes = conn.scalars(
                 select(AuditEvent.hash).where(AuditEvent.run_id == self.run_id).order_by(AuditEvent.seq)
             ).all()
             meta = {**meta, "merkle_root": merkle_root(list(hashes)), "merkle_leaves": len(hashes)}
@@ -260,8 +260,8 @@ class TraceRecorder:
             meta=meta,
             content_hash=content_hash,
         )
-        session.add(
-            AuditEvent(
+        conn.execute(
+            insert(AuditEvent).values(
                 run_id=self.run_id,
                 seq=seq,
                 chain_seq=chain_seq,
@@ -278,8 +278,8 @@ class TraceRecorder:
             )
         )
         if checkpoint or chain_seq % self.checkpoint_every == 0:
-            session.add(
-                AuditCheckpoint(
+            conn.execute(
+                insert(AuditCheckpoint).values(
                     created_at=at,
                     chain_seq=chain_seq,
                     head_hash=digest,
@@ -333,11 +333,11 @@ class TraceRecorder:
         )
 
 
-def lock_chain(session: Session) -> None:
+def lock_chain(conn: Connection) -> None:
     """Serialise appends to the global chain for the rest of this transaction.
 
     PostgreSQL: a transaction-scoped advisory lock. SQLite: the engine opens every transaction
     with ``BEGIN IMMEDIATE`` (agent/audit/db.py), which already holds the database's write lock.
     """
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK_KEY})
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK_KEY})

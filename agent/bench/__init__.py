@@ -1,0 +1,1 @@
+"""Benchmarks runnable as ``medagent bench ...``: they print medians and ratios, last line JSON."""
