@@ -344,5 +344,3 @@ def report_lines(report: VerifyReport) -> list[str]:
     lines += [f"  BROKEN {p.code}: {p.where}: {p.message}" for p in report.problems]
     lines += [f"  warning: {w}" for w in report.warnings]
     return lines
-
-

@@ -236,7 +236,8 @@ def _forge_whole_run(engine: Engine) -> None:
     tamper(
         engine,
         (
-            "INSERT INTO audit_runs (id, created_at, kind, trigger, patient_ref, user_id, software_version, settings_fingerprint) "
+            "INSERT INTO audit_runs (id, created_at, kind, trigger, patient_ref, user_id, software_version, "
+            "settings_fingerprint) "
             "VALUES ('forged', :at, 'ask', 'test', 'Patient/forged', 'x', '0.1.0', 'f')",
             {"at": at},
         ),
