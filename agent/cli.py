@@ -22,7 +22,7 @@ from agent.domain.answer import AskResult
 from agent.errors import ConfigError, MedagentError
 
 if TYPE_CHECKING:
-    from agent.runner import AgentRuntime
+    from agent.runtime import AgentRuntime
 
 app = typer.Typer(help="medagent: an auditable clinical agent over FHIR R4 and DICOM.", no_args_is_help=True)
 audit_app = typer.Typer(help="Review run traces.", no_args_is_help=True)
@@ -271,7 +271,7 @@ def demo(
 
 def _audit_runtime(db: str | None) -> AgentRuntime:
     """Return a runtime for reading the trace (schema checked, runs of dead processes closed)."""
-    from agent.runner import AgentRuntime
+    from agent.runtime import AgentRuntime
 
     runtime = AgentRuntime(settings=_settings(db=db))
     runtime.ensure_schema()

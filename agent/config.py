@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agent.errors import ConfigError
@@ -93,6 +93,12 @@ class AuditSettings(BaseModel):
     ed25519_public_key_file: Path | None = Field(None, description="PEM public key: verify without signing.")
     content_key: SecretStr | None = Field(None, description="Fernet key encrypting prompts, outputs and notes.")
     checkpoint_every: int = Field(100, ge=1, description="Write a signed checkpoint every N records (and per run).")
+
+    @field_validator("hmac_key", "content_key", "ed25519_private_key_file", "ed25519_public_key_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # docker-compose passes unset optional secrets as empty strings.
+        return None if value == "" else value
 
 
 class ServiceSettings(BaseModel):

@@ -12,110 +12,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine
-
-from agent.audit.db import ensure_schema, make_engine
-from agent.audit.keys import CheckpointSigner, ContentCipher, signer_from_settings
 from agent.audit.recorder import MODEL_LOAD, TraceRecorder, settings_fingerprint
-from agent.audit.recovery import mark_interrupted_runs
-from agent.config import Settings
 from agent.domain.answer import AskResult
 from agent.errors import InternalError, MedagentError, RunCancelledError
 from agent.graph.builder import build_ask_graph
 from agent.graph.state import RunContext
-from agent.inference.factory import LoadedModels, load_models
 from agent.inference.labels import LABEL_SETS_BY_MODALITY
+from agent.runtime import AgentRuntime, ModelCache
 from agent.sources.factory import make_dicom_source, make_fhir_source
 
+if TYPE_CHECKING:
+    from agent.inference.factory import LoadedModels
+
+__all__ = ["AgentRuntime", "ModelCache", "run_ask"]
+
 log = logging.getLogger(__name__)
-
-ModelLoader = Callable[[Settings], LoadedModels]
-
-
-def _default_loader(settings: Settings) -> LoadedModels:
-    return load_models(settings.models)
-
-
-@dataclass
-class ModelCache:
-    """Loaded models kept for the life of a process (the service loads them once, not per request)."""
-
-    loader: ModelLoader = _default_loader
-    _loaded: dict[str, LoadedModels] = field(default_factory=dict)
-
-    def get(self, settings: Settings) -> tuple[LoadedModels, bool]:
-        """Return the models for these settings and whether they were loaded just now."""
-        key = settings.models.model_dump_json()
-        if key in self._loaded:
-            return self._loaded[key], False
-        loaded = self.loader(settings)
-        self._loaded[key] = loaded
-        return loaded, True
-
-
-@dataclass
-class AgentRuntime:
-    """What a process keeps between runs: the trace engine, trace keys and loaded models."""
-
-    settings: Settings
-    models: ModelCache = field(default_factory=ModelCache)
-    _engine: Engine | None = None
-    _schema_checked: bool = False
-    _signer: CheckpointSigner | None = None
-    _cipher: ContentCipher | None = None
-
-    @property
-    def signer(self) -> CheckpointSigner:
-        """Return the checkpoint signer the settings describe."""
-        if self._signer is None:
-            audit = self.settings.audit
-            self._signer = signer_from_settings(
-                audit.hmac_key.get_secret_value() if audit.hmac_key else None,
-                audit.ed25519_private_key_file,
-                audit.ed25519_public_key_file,
-            )
-        return self._signer
-
-    @property
-    def cipher(self) -> ContentCipher | None:
-        """Return the content cipher, when a content key is configured."""
-        key = self.settings.audit.content_key
-        if self._cipher is None and key is not None:
-            self._cipher = ContentCipher(key.get_secret_value())
-        return self._cipher
-
-    def recorder_options(self) -> dict[str, Any]:
-        """Return the keyword arguments every TraceRecorder of this process gets."""
-        return {
-            "signer": self.signer,
-            "cipher": self.cipher,
-            "checkpoint_every": self.settings.audit.checkpoint_every,
-        }
-
-    def new_recorder(self) -> TraceRecorder:
-        """Return a recorder for a new run."""
-        return TraceRecorder(self.engine, **self.recorder_options())
-
-    @property
-    def engine(self) -> Engine:
-        """Return the trace database engine (created on first use)."""
-        if self._engine is None:
-            self._engine = make_engine(self.settings.db.url.get_secret_value())
-        return self._engine
-
-    def ensure_schema(self) -> None:
-        """Check (and in dev, apply) migrations once per process, then close runs of dead processes."""
-        if not self._schema_checked:
-            ensure_schema(self.engine, auto_migrate=self.settings.db.auto_migrate)
-            interrupted = mark_interrupted_runs(self.engine, **self.recorder_options())
-            if interrupted:
-                log.warning("marked %d run(s) of ended processes as interrupted", len(interrupted))
-            self._schema_checked = True
 
 
 async def run_ask(
