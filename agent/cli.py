@@ -193,6 +193,11 @@ def _default_who() -> dict[str, str | None]:
     return {"user_id": user, "user_role": "clinician", "purpose_of_use": "TREAT"}
 
 
+def _who_kwargs() -> dict[str, Any]:
+    who = _default_who()
+    return {"user_id": who["user_id"], "user_role": who["user_role"], "purpose_of_use": who["purpose_of_use"]}
+
+
 def _parse_as_of(value: str | None) -> datetime | None:
     if value is None:
         return None
@@ -364,6 +369,102 @@ def audit_verify(
     else:
         typer.echo("\n".join(report_lines(report)))
     raise typer.Exit(0 if report.ok else 1)
+
+
+@audit_app.command("export")
+def audit_export(
+    run_id: Annotated[str, typer.Argument(help="The run to export.")],
+    format: Annotated[
+        str, typer.Option("--format", help="fhir (AuditEvent + Provenance), otel (OTLP JSON) or json.")
+    ] = "json",
+    no_content: Annotated[bool, typer.Option("--no-content", help="Leave prompts, outputs and answers out.")] = False,
+    otlp_endpoint: Annotated[
+        str | None,
+        typer.Option("--otlp-endpoint", help="With --format otel: also send the spans to this OTLP/HTTP endpoint."),
+    ] = None,
+    db: DbOpt = None,
+) -> None:
+    """Export a run's trace as a FHIR Bundle, OpenTelemetry spans or plain JSON (printed to stdout)."""
+    from agent.audit.export_fhir import export_fhir
+    from agent.audit.export_json import export_json
+    from agent.audit.export_otel import export_otel, send_otlp
+    from agent.audit.reader import load_run
+
+    try:
+        if format not in ("fhir", "otel", "json"):
+            raise ConfigError(f"--format must be fhir, otel or json, not {format!r}")
+        runtime = _audit_runtime(db)
+        trace = load_run(runtime.engine, run_id, include_content=not no_content, cipher=runtime.cipher)
+        if format == "fhir":
+            payload = export_fhir(trace)
+        elif format == "otel":
+            payload = export_otel(trace, include_content=not no_content)
+            if otlp_endpoint:
+                send_otlp(payload, otlp_endpoint)
+        else:
+            payload = export_json(trace)
+    except MedagentError as exc:
+        _fail(exc, as_json=False)
+        return
+    typer.echo(json.dumps(payload, indent=2))
+
+
+@audit_app.command("replay")
+def audit_replay(
+    run_id: Annotated[str, typer.Argument(help="The run to replay.")],
+    rerun: Annotated[
+        bool, typer.Option("--rerun", help="Run the same question again on the configured data and models, and diff.")
+    ] = False,
+    fhir: FhirOpt = None,
+    fhir_dir: FhirDirOpt = None,
+    dicomweb: DicomWebOpt = None,
+    dicom_dir: DicomDirOpt = None,
+    test_models: TestModelsOpt = False,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-render a run's answer and timeline from its recorded outputs (no model or server is called)."""
+    from agent.audit.reader import load_run
+    from agent.audit.replay import diff_runs, replay, rerun_request
+
+    try:
+        runtime = _audit_runtime(db)
+        original = replay(load_run(runtime.engine, run_id, cipher=runtime.cipher))
+        differences: list[str] = []
+        again = None
+        if rerun:
+            from agent.runner import run_ask
+            from agent.runtime import AgentRuntime
+
+            patient_id, question = rerun_request(load_run(runtime.engine, run_id, cipher=runtime.cipher))
+            settings = _settings(
+                fhir=fhir, fhir_dir=fhir_dir, dicomweb=dicomweb, dicom_dir=dicom_dir, db=db, test_models=test_models
+            )
+            rerun_runtime = AgentRuntime(settings=settings)
+            result = asyncio.run(
+                run_ask(rerun_runtime, patient_id=patient_id, question=question, trigger="replay", **_who_kwargs())
+            )
+            again = replay(load_run(rerun_runtime.engine, result.run_id, cipher=rerun_runtime.cipher))
+            differences = diff_runs(original, again)
+    except MedagentError as exc:
+        _fail(exc, as_json=as_json)
+        return
+    if as_json:
+        body: dict[str, Any] = {"original": original.model_dump(mode="json")}
+        if again is not None:
+            body |= {"rerun": again.model_dump(mode="json"), "differences": differences}
+        typer.echo(json.dumps(body))
+        return
+    typer.echo(original.timeline)
+    typer.echo("")
+    typer.echo(f"Recorded answer ({original.answer_source}):")
+    typer.echo("  " + (original.answer or "(none)").replace("\n", "\n  "))
+    if again is not None:
+        typer.echo("")
+        typer.echo(f"Re-run: {again.run_id}")
+        typer.echo("No differences." if not differences else "Differences:")
+        for line in differences:
+            typer.echo(f"  - {line}")
 
 
 @db_app.command("upgrade")

@@ -63,7 +63,12 @@ async def fetch_history(state: AskState, runtime: Runtime[RunContext]) -> dict[s
     ctx.recorder.event(
         NOTE,
         "context",
-        meta={"sources": [ref.reference for ref in history.sources], "omitted": history.omitted},
+        meta={
+            "sources": [ref.reference for ref in history.sources],
+            # versions make the Provenance export point at exactly what the model read
+            "versions": {ref.reference: ref.version for ref in history.sources if ref.version},
+            "omitted": history.omitted,
+        },
         content={"text": history.text},
     )
     studies = [r for r in resources if r.get("resourceType") == "ImagingStudy"]

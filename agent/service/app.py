@@ -7,18 +7,27 @@ Errors are problem+json with a safe message and the run id, so a failed run can 
 
 from __future__ import annotations
 
-from typing import Annotated
+import asyncio
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from agent import __version__
-from agent.audit.reader import RunSummary, RunTrace, list_runs, load_run
+from agent.audit.export_fhir import export_fhir
+from agent.audit.export_json import export_json
+from agent.audit.export_otel import export_otel
+from agent.audit.keys import verifiers_for
+from agent.audit.reader import RunFilter, RunSummary, RunTrace, list_runs, load_run
+from agent.audit.replay import ReplayResult, replay
+from agent.audit.verify import VerifyReport, verify_trace
 from agent.config import Settings
 from agent.domain.answer import AskResult
 from agent.errors import MedagentError
-from agent.runner import AgentRuntime, run_ask
+from agent.runner import run_ask
+from agent.runtime import AgentRuntime
 from agent.service.schemas import AskRequest, Problem
 
 PROBLEM_JSON = "application/problem+json"
@@ -84,16 +93,70 @@ def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastA
         )
 
     @app.get("/v1/runs", response_model=list[RunSummary], tags=["audit"])
-    async def runs(runtime: RuntimeDep, limit: int = 50) -> list[RunSummary]:
-        """List recorded runs, newest first."""
+    async def runs(
+        runtime: RuntimeDep,
+        limit: int = 50,
+        patient: str | None = None,
+        user: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        status: str | None = None,
+        trigger: str | None = None,
+    ) -> list[RunSummary]:
+        """List recorded runs, newest first, filtered by patient id, user, start time, status or trigger."""
         runtime.ensure_schema()
-        return list_runs(runtime.engine, limit=min(max(limit, 1), 500))
+        filters = RunFilter(
+            patient_ref=f"Patient/{patient}" if patient else None,
+            user_id=user,
+            since=since,
+            until=until,
+            status=status,
+            trigger=trigger,
+        )
+        return list_runs(runtime.engine, limit=min(max(limit, 1), 500), filters=filters)
 
     @app.get("/v1/runs/{run_id}", response_model=RunTrace, responses=_ERROR_RESPONSES, tags=["audit"])
-    async def run(run_id: str, runtime: RuntimeDep) -> RunTrace:
-        """Return a run's trace: every node, FHIR request, DICOM retrieval and model call, in order."""
+    async def run(run_id: str, runtime: RuntimeDep, content: bool = True) -> RunTrace:
+        """Return a run's trace: every node, FHIR request, DICOM retrieval and model call, in order.
+
+        ``content=false`` returns metadata only (no prompts, outputs or answers).
+        """
         runtime.ensure_schema()
-        return load_run(runtime.engine, run_id)
+        return load_run(runtime.engine, run_id, include_content=content, cipher=runtime.cipher)
+
+    @app.get("/v1/runs/{run_id}/verify", response_model=VerifyReport, responses=_ERROR_RESPONSES, tags=["audit"])
+    async def verify_run(run_id: str, runtime: RuntimeDep) -> VerifyReport:
+        """Verify one run's records, content, Merkle root and the checkpoints over it."""
+        runtime.ensure_schema()
+        return verify_trace(runtime.engine, verifiers=verifiers_for(runtime.signer), run_id=run_id)
+
+    @app.post("/v1/audit/verify", response_model=VerifyReport, tags=["audit"])
+    async def verify_all(runtime: RuntimeDep) -> VerifyReport:
+        """Verify the whole trace: hash chain, content, run rows, Merkle roots and signed checkpoints."""
+        runtime.ensure_schema()
+        return await asyncio.to_thread(verify_trace, runtime.engine, verifiers=verifiers_for(runtime.signer))
+
+    @app.get("/v1/runs/{run_id}/export", responses=_ERROR_RESPONSES, tags=["audit"])
+    async def export(
+        run_id: str,
+        runtime: RuntimeDep,
+        format: Literal["fhir", "otel", "json"] = "json",
+        content: bool = False,
+    ) -> dict[str, Any]:
+        """Export a run as a FHIR Bundle (BALP AuditEvents + Provenance), OTLP JSON spans, or plain JSON."""
+        runtime.ensure_schema()
+        trace = load_run(runtime.engine, run_id, include_content=content, cipher=runtime.cipher)
+        if format == "fhir":
+            return export_fhir(trace)
+        if format == "otel":
+            return export_otel(trace, include_content=content)
+        return export_json(trace)
+
+    @app.get("/v1/runs/{run_id}/replay", response_model=ReplayResult, responses=_ERROR_RESPONSES, tags=["audit"])
+    async def replay_run(run_id: str, runtime: RuntimeDep) -> ReplayResult:
+        """Rebuild the run's answer, sources, citations and timeline from the trace alone."""
+        runtime.ensure_schema()
+        return replay(load_run(runtime.engine, run_id, cipher=runtime.cipher))
 
     @app.get("/healthz", tags=["health"])
     async def health() -> dict[str, str]:

@@ -56,3 +56,28 @@ def test_openapi_documents_the_endpoints(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     assert {"/v1/ask", "/v1/runs/{run_id}"} <= set(spec["paths"])
     assert client.get("/docs").status_code == 200
+
+
+def test_auditor_endpoints_verify_export_and_replay(client: TestClient) -> None:
+    patient_id = PATIENTS["cxr"]["patient_id"]
+    body = client.post("/v1/ask", json={"patient_id": patient_id, "question": "Heart failure status?"}).json()
+    run_id = body["run_id"]
+
+    assert client.get(f"/v1/runs/{run_id}/verify").json()["ok"] is True
+    full = client.post("/v1/audit/verify").json()
+    assert full["ok"] is True and full["runs"] == 1
+
+    bundle = client.get(f"/v1/runs/{run_id}/export", params={"format": "fhir"}).json()
+    kinds = [entry["resource"]["resourceType"] for entry in bundle["entry"]]
+    assert "AuditEvent" in kinds and kinds.count("Provenance") == 1
+    spans = client.get(f"/v1/runs/{run_id}/export", params={"format": "otel"}).json()
+    assert spans["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    assert "Heart failure status?" not in str(spans)  # content is off unless asked for
+
+    replayed = client.get(f"/v1/runs/{run_id}/replay").json()
+    assert replayed["answer"] == body["answer"] and replayed["sources"] == body["sources"]
+
+    metadata_only = client.get(f"/v1/runs/{run_id}", params={"content": "false"}).json()
+    assert "Heart failure status?" not in str(metadata_only)
+    assert client.get("/v1/runs", params={"status": "failed"}).json() == []
+    assert client.get("/v1/runs/nope/verify").status_code == 404
