@@ -93,8 +93,13 @@ class AuditSettings(BaseModel):
     ed25519_public_key_file: Path | None = Field(None, description="PEM public key: verify without signing.")
     content_key: SecretStr | None = Field(None, description="Fernet key encrypting prompts, outputs and notes.")
     checkpoint_every: int = Field(100, ge=1, description="Write a signed checkpoint every N records (and per run).")
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP collector: each finished run's spans are sent there (content never)."
+    )
 
-    @field_validator("hmac_key", "content_key", "ed25519_private_key_file", "ed25519_public_key_file", mode="before")
+    @field_validator(
+        "hmac_key", "content_key", "ed25519_private_key_file", "ed25519_public_key_file", "otlp_endpoint", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # docker-compose passes unset optional secrets as empty strings.

@@ -106,6 +106,23 @@ async def run_ask(
     finally:
         await fhir.aclose()
         await dicom.aclose()
+        if settings.audit.otlp_endpoint and recorder.finished_status is not None:
+            await asyncio.to_thread(_send_spans, runtime, recorder.run_id, settings.audit.otlp_endpoint)
+
+
+def _send_spans(runtime: AgentRuntime, run_id: str, endpoint: str) -> None:
+    """Send the finished run's spans (metadata only) to the OTLP collector; a failure is logged, not raised.
+
+    The trace in the database is the record; the collector is a copy for observability, so its
+    outage must not fail a clinician's request.
+    """
+    from agent.audit.export_otel import export_otel, send_otlp
+    from agent.audit.reader import load_run
+
+    try:
+        send_otlp(export_otel(load_run(runtime.engine, run_id, include_content=False)), endpoint)
+    except MedagentError as exc:
+        log.warning("OTLP export of run %s failed: %s", run_id, exc.code)
 
 
 def _finish_failed(recorder: TraceRecorder, error: MedagentError) -> None:

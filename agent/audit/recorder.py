@@ -290,24 +290,31 @@ class TraceRecorder:
             )
 
     @contextmanager
-    def node(self, name: str) -> Iterator[None]:
-        """Record a graph node's start, end, duration and failure (re-raised)."""
+    def node(self, name: str, *, inputs: list[str] | None = None) -> Iterator[dict[str, Any]]:
+        """Record a graph node's start, end, duration and failure (re-raised).
+
+        Yields a dict the caller may fill with ``outputs`` (references and counts, never content);
+        the end record also names the range of records the node produced.
+        """
         self.current_node = name
-        self.event(NODE_STARTED, name)
+        first = self.event(NODE_STARTED, name, meta={"inputs": inputs or []})
         started = time.perf_counter()
+        produced: dict[str, Any] = {}
         try:
-            yield
+            yield produced
         except MedagentError as exc:
             elapsed = (time.perf_counter() - started) * 1000
-            self.event(NODE_FINISHED, name, status="failed", duration_ms=elapsed, meta={"error": exc.to_dict()})
+            meta = {"error": exc.to_dict(), "records": [first, self._seq]}
+            self.event(NODE_FINISHED, name, status="failed", duration_ms=elapsed, meta=meta)
             raise
         except Exception as exc:
             elapsed = (time.perf_counter() - started) * 1000
-            err = {"code": "internal_error", "message": type(exc).__name__}
-            self.event(NODE_FINISHED, name, status="failed", duration_ms=elapsed, meta={"error": err})
+            meta = {"error": {"code": "internal_error", "message": type(exc).__name__}, "records": [first, self._seq]}
+            self.event(NODE_FINISHED, name, status="failed", duration_ms=elapsed, meta=meta)
             raise
         elapsed = (time.perf_counter() - started) * 1000
-        self.event(NODE_FINISHED, name, status="ok", duration_ms=elapsed)
+        meta = {"outputs": produced.get("outputs", {}), "records": [first, self._seq]}
+        self.event(NODE_FINISHED, name, status="ok", duration_ms=elapsed, meta=meta)
 
     # -- AccessObserver ------------------------------------------------------------------------
     def fhir_request(self, event: FhirRequestEvent) -> None:

@@ -36,12 +36,31 @@ def traced(name: str) -> Callable[[NodeFn], NodeFn]:
     def wrap(fn: NodeFn) -> NodeFn:
         @functools.wraps(fn)
         async def node(state: AskState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-            with runtime.context.recorder.node(name):
-                return await fn(state, runtime)
+            with runtime.context.recorder.node(name, inputs=sorted(state)) as record:
+                update = await fn(state, runtime)
+                record["outputs"] = describe_update(update)
+                return update
 
         return node
 
     return wrap
+
+
+def describe_update(update: dict[str, Any]) -> dict[str, Any]:
+    """Describe a node's state update by reference: resource ids, counts and sizes, never clinical text."""
+    described: dict[str, Any] = {}
+    for key, value in update.items():
+        if isinstance(value, dict) and value.get("resourceType") and value.get("id"):
+            described[key] = f"{value['resourceType']}/{value['id']}"
+        elif isinstance(value, list):
+            described[key] = {"count": len(value)}
+        elif isinstance(value, str):
+            described[key] = {"chars": len(value)}
+        elif value is None:
+            described[key] = None
+        else:
+            described[key] = type(value).__name__
+    return described
 
 
 @traced("resolve_patient")

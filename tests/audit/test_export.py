@@ -420,3 +420,17 @@ async def test_json_export_is_the_whole_trace_with_a_schema_version(tmp_path: Pa
 
     metadata_only = load_run(case.runtime.engine, case.trace.run.run_id, include_content=False)
     assert export_json(metadata_only)["content_included"] is False
+
+
+async def test_runs_are_sent_to_a_configured_otlp_endpoint(
+    tmp_path: Path, collector: tuple[str, type[_Collector]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With MEDAGENT_AUDIT__OTLP_ENDPOINT set, every finished run's spans reach the collector, without content."""
+    endpoint, handler = collector
+    monkeypatch.setenv("MEDAGENT_AUDIT__OTLP_ENDPOINT", endpoint)
+    case = await run_case(tmp_path, "noimg")
+    ((path, body),) = handler.received
+    assert path == "/v1/traces"
+    sent = json.loads(body)
+    assert sent == export_otel(case.trace)  # the metadata-only export of the same run
+    assert case.result.answer not in body.decode()

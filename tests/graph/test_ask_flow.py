@@ -125,6 +125,14 @@ async def test_cxr_patient_answer_is_cited_and_every_step_traced(tmp_path: Path)
     assert [c.name for c in calls] == ["medsiglip.zero_shot", "medgemma.generate"]
     assert calls[1].meta["model_id"] == "scripted-reasoner" and calls[1].meta["prompt_tokens"] == 100
     assert calls[1].content["output"].startswith("The patient has heart failure")
+    history_end = next(e for e in trace.events if e.kind == "node_finished" and e.name == "fetch_history")
+    outputs = history_end.meta["outputs"]
+    assert outputs["imaging_study"] == f"ImagingStudy/{current['imaging_study_id']}"
+    searched = [e for e in trace.events if e.kind == "fhir_request" and "?" in e.meta["path"]]
+    assert outputs["resources"]["count"] == sum(len(e.meta["resource_ids"]) for e in searched)
+    assert outputs["context_text"]["chars"] > 0  # the text itself is content, not metadata
+    first, last = history_end.meta["records"]
+    assert [e.kind for e in trace.events if first <= e.seq <= last].count("fhir_request") == 8
     citations = next(e for e in trace.events if e.name == "citations")
     assert citations.meta["dangling"] == ["Observation/00000000-made-up"]
     assert trace.run.status == "ok"
