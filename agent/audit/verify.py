@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 from pydantic import BaseModel, Field
 from sqlalchemy import Engine, func, select
@@ -54,7 +55,7 @@ class VerifyReport(BaseModel):
     warnings: list[str] = Field(default_factory=list)
 
 
-def _where(event: AuditEvent) -> str:
+def _where(event: Any) -> str:
     return f"record chain_seq={event.chain_seq} (run {event.run_id} seq {event.seq}, {event.kind} {event.name})"
 
 
@@ -67,7 +68,7 @@ class _Checker:
     def problem(self, code: str, where: str, message: str) -> None:
         self.problems.append(Problem(code=code, where=where, message=message))
 
-    def check_record(self, event: AuditEvent, body: str | None, content_run: str | None) -> None:
+    def check_record(self, event: Any, body: str | None, content_run: str | None) -> None:
         """Recompute the record's hash and check its content."""
         expected = event_hash(
             chain_seq=event.chain_seq,
@@ -95,7 +96,7 @@ class _Checker:
         if content_run is not None and content_run != event.run_id:
             self.problem("content_altered", _where(event), f"content row {event.content_id} belongs to another run")
 
-    def check_run_row(self, run: AuditRun | None, started: AuditEvent | None, run_id: str) -> None:
+    def check_run_row(self, run: AuditRun | None, started: Any, run_id: str) -> None:
         """Check the run row against the fields its chained start record commits to."""
         if run is None:
             self.problem("run_row_missing", f"run {run_id}", "records exist but the run row is gone")
@@ -118,7 +119,7 @@ class _Checker:
             detail = f"missing seq {missing}" if missing else f"seq out of order: {seqs}"
             self.problem("run_records_missing", f"run {run_id}", detail)
 
-    def check_merkle(self, finished: AuditEvent, leaves: list[str]) -> None:
+    def check_merkle(self, finished: Any, leaves: list[str]) -> None:
         """The run's final record commits to a Merkle root over the records before it."""
         meta = finished.meta or {}
         if "merkle_root" not in meta:
@@ -131,14 +132,14 @@ class _Checker:
                 f"{meta.get('merkle_leaves')} when it finished)",
             )
 
-    def check_finish_signed(self, finished: AuditEvent, has_checkpoint: bool) -> None:
+    def check_finish_signed(self, finished: Any, has_checkpoint: bool) -> None:
         """Every run's final record is checkpointed in the same transaction: a forged ending is not."""
         if "merkle_root" not in (finished.meta or {}):
             self.warnings.append(f"run {finished.run_id} predates Merkle roots (schema 0001): its end is unsigned")
         elif not has_checkpoint:
             self.problem("finish_unsigned", _where(finished), "the run's final record has no signed checkpoint")
 
-    def check_checkpoint(self, checkpoint: AuditCheckpoint, head: AuditEvent | None, last_chain_seq: int) -> None:
+    def check_checkpoint(self, checkpoint: AuditCheckpoint, head: Any, last_chain_seq: int) -> None:
         """A checkpoint is validly signed and still agrees with the chain."""
         where = f"checkpoint id={checkpoint.id} at chain_seq={checkpoint.chain_seq}"
         verifier = self.verifiers.get(checkpoint.algorithm)
@@ -163,17 +164,18 @@ class _Checker:
             self.problem("checkpoint_mismatch", where, "the chain at this point differs from what was signed")
 
 
-def _batches(session: Session, batch_size: int) -> Iterator[list[AuditEvent]]:
+def _batches(session: Session, batch_size: int) -> Iterator[list[Any]]:
+    """Yield the chain in order, as plain rows: building ORM objects would cost a third of the time."""
+    events = AuditEvent.__table__
     last = 0
     while True:
-        rows = session.scalars(
-            select(AuditEvent).where(AuditEvent.chain_seq > last).order_by(AuditEvent.chain_seq).limit(batch_size)
+        rows = session.execute(
+            select(events).where(events.c.chain_seq > last).order_by(events.c.chain_seq).limit(batch_size)
         ).all()
         if not rows:
             return
         yield list(rows)
         last = rows[-1].chain_seq
-        session.expunge_all()
 
 
 def _contents(session: Session, ids: list[int]) -> dict[int, tuple[str, str]]:
@@ -209,11 +211,11 @@ def _verify_all(session: Session, verifiers: dict[str, CheckpointSigner], batch_
     checker = _Checker(verifiers)
     prev_hash, prev_seq, records = GENESIS_HASH, 0, 0
     open_runs: dict[str, tuple[list[int], list[str]]] = {}
-    started: dict[str, AuditEvent] = {}
+    started: dict[str, Any] = {}
     referenced: set[int] = set()
     finished: set[str] = set()
     checkpoint_heads = set(session.scalars(select(AuditCheckpoint.chain_seq)).all())
-    heads: dict[int, AuditEvent] = {}
+    heads: dict[int, Any] = {}
     for batch in _batches(session, batch_size):
         contents = _contents(session, [e.content_id for e in batch if e.content_id is not None])
         for event in batch:
