@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from agent import __version__
 from agent.audit.chain import GENESIS_HASH, canonical_json, event_hash, sha256_hex
 from agent.audit.keys import CheckpointSigner, ContentCipher, DigestSigner
-from agent.audit.tables import AuditCheckpoint, AuditContent, AuditEvent, AuditRun, utcnow
+from agent.audit.tables import AuditEvent, AuditRun, Base, utcnow
 from agent.domain.events import DicomRetrievalEvent, FhirRequestEvent
 from agent.errors import AuditError, MedagentError
 
@@ -42,6 +42,13 @@ NOTE = "note"
 
 #: Run statuses a ``run_finished`` record can carry.
 FINAL_STATUSES = ("ok", "failed", "cancelled", "interrupted")
+# Statements built once and executed with parameters: building a new INSERT per record costs
+# SQLAlchemy more time than SQLite needs to commit it.
+_SELECT_HEAD = select(AuditEvent.chain_seq, AuditEvent.hash).order_by(AuditEvent.chain_seq.desc()).limit(1)
+_INSERT_EVENT = insert(Base.metadata.tables["audit_events"])
+_INSERT_CONTENT = insert(Base.metadata.tables["audit_content"])
+_INSERT_CHECKPOINT = insert(Base.metadata.tables["audit_checkpoints"])
+
 #: PostgreSQL advisory lock key serialising appends to the one global chain.
 CHAIN_LOCK_KEY = 0x6D656461  # "meda"
 
@@ -106,6 +113,7 @@ class TraceRecorder:
         self._lock = threading.Lock()
         self.current_node: str | None = None
         self.finished_status: str | None = None
+        self._conn: Connection | None = None
 
     @classmethod
     def resume(cls, engine: Engine, run_id: str, **kwargs: Any) -> TraceRecorder:
@@ -188,7 +196,8 @@ class TraceRecorder:
         with self._lock:
             seq = self._seq + 1
             try:
-                with self.engine.begin() as conn:
+                conn = self._connection()
+                with conn.begin():
                     self._append(
                         conn,
                         seq=seq,
@@ -202,9 +211,26 @@ class TraceRecorder:
                         checkpoint=checkpoint,
                     )
             except Exception as exc:
+                self.close()  # a broken connection is not reused; the next write opens a new one
                 raise AuditError(f"cannot write to the trace ({kind}): {type(exc).__name__}") from exc
             self._seq = seq
+            if kind == RUN_FINISHED:
+                self.close()
             return seq
+
+    def _connection(self) -> Connection:
+        """Return this recorder's connection (one per run, not one per record: checkout costs)."""
+        if self._conn is None:
+            self._conn = self.engine.connect()
+        return self._conn
+
+    def close(self) -> None:
+        """Return the connection to the pool (done automatically when the run finishes)."""
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
 
     def _append(
         self,
@@ -221,9 +247,7 @@ class TraceRecorder:
         checkpoint: bool,
     ) -> None:
         lock_chain(conn)
-        last = conn.execute(
-            select(AuditEvent.chain_seq, AuditEvent.hash).order_by(AuditEvent.chain_seq.desc()).limit(1)
-        ).first()
+        last = conn.execute(_SELECT_HEAD).first()
         chain_seq = last.chain_seq + 1 if last else 1
         prev_hash = last.hash if last else GENESIS_HASH
         content_id = content_hash = None
@@ -232,7 +256,7 @@ class TraceRecorder:
             media_type = "application/json"
             if self.cipher is not None:
                 body, media_type = self.cipher.encrypt(body), self.cipher.media_type
-            inserted = conn.execute(insert(AuditContent).values(run_id=self.run_id, media_type=media_type, body=body))
+            inserted = conn.execute(_INSERT_CONTENT, {"run_id": self.run_id, "media_type": media_type, "body": body})
             key = inserted.inserted_primary_key
             assert key is not None  # an INSERT always reports its primary key
             content_id, content_hash = key[0], sha256_hex(body)
@@ -261,32 +285,34 @@ class TraceRecorder:
             content_hash=content_hash,
         )
         conn.execute(
-            insert(AuditEvent).values(
-                run_id=self.run_id,
-                seq=seq,
-                chain_seq=chain_seq,
-                prev_hash=prev_hash,
-                hash=digest,
-                content_hash=content_hash,
-                kind=kind,
-                name=name[:200],
-                at=at,
-                duration_ms=duration,
-                status=status,
-                meta=meta,
-                content_id=content_id,
-            )
+            _INSERT_EVENT,
+            {
+                "run_id": self.run_id,
+                "seq": seq,
+                "chain_seq": chain_seq,
+                "prev_hash": prev_hash,
+                "hash": digest,
+                "content_hash": content_hash,
+                "kind": kind,
+                "name": name[:200],
+                "at": at,
+                "duration_ms": duration,
+                "status": status,
+                "meta": meta,
+                "content_id": content_id,
+            },
         )
         if checkpoint or chain_seq % self.checkpoint_every == 0:
             conn.execute(
-                insert(AuditCheckpoint).values(
-                    created_at=at,
-                    chain_seq=chain_seq,
-                    head_hash=digest,
-                    algorithm=self.signer.algorithm,
-                    key_id=self.signer.key_id,
-                    signature=self.signer.sign(checkpoint_message(chain_seq, digest)),
-                )
+                _INSERT_CHECKPOINT,
+                {
+                    "created_at": at,
+                    "chain_seq": chain_seq,
+                    "head_hash": digest,
+                    "algorithm": self.signer.algorithm,
+                    "key_id": self.signer.key_id,
+                    "signature": self.signer.sign(checkpoint_message(chain_seq, digest)),
+                },
             )
 
     @contextmanager
