@@ -30,7 +30,7 @@ from agent.config import DicomSettings
 from agent.domain.events import AccessObserver, DicomRetrievalEvent
 from agent.domain.refs import InstanceRef
 from agent.errors import InvalidResourceError, SourceUnavailableError
-from agent.sources.http_auth import http_auth
+from agent.sources.http_auth import client_kwargs, http_auth
 
 DICOM_JSON = "application/dicom+json"
 #: WADO-RS instance retrieval in whatever transfer syntax the server stored (no transcoding).
@@ -212,14 +212,7 @@ class DicomWebSource:
         """
         if not settings.dicomweb_url:
             raise ValueError("DicomSettings.dicomweb_url is not set")
-        return cls(
-            settings.dicomweb_url,
-            observer=observer,
-            timeout_s=settings.timeout_s,
-            username=settings.username,
-            password=settings.password.get_secret_value() if settings.password else None,
-            bearer_token=settings.bearer_token.get_secret_value() if settings.bearer_token else None,
-        )
+        return cls(settings.dicomweb_url, observer=observer, **client_kwargs(settings))
 
     async def __aenter__(self) -> DicomWebSource:
         return self

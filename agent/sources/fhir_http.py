@@ -25,7 +25,7 @@ import httpx
 from agent.config import FhirSettings
 from agent.domain.events import AccessObserver, FhirRequestEvent
 from agent.errors import InvalidResourceError, PatientNotFoundError, SourceUnavailableError
-from agent.sources.http_auth import http_auth
+from agent.sources.http_auth import client_kwargs, http_auth
 
 logger = logging.getLogger(__name__)
 
@@ -125,15 +125,7 @@ class HttpFhirSource:
         """
         if not settings.base_url:
             raise ValueError("FhirSettings.base_url is not set")
-        return cls(
-            settings.base_url,
-            observer=observer,
-            timeout_s=settings.timeout_s,
-            username=settings.username,
-            password=settings.password.get_secret_value() if settings.password else None,
-            bearer_token=settings.bearer_token.get_secret_value() if settings.bearer_token else None,
-            max_pages=settings.max_pages,
-        )
+        return cls(settings.base_url, observer=observer, max_pages=settings.max_pages, **client_kwargs(settings))
 
     async def __aenter__(self) -> HttpFhirSource:
         return self

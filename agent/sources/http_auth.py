@@ -5,7 +5,10 @@ SMART on FHIR Backend Services (issue 3) will add a token-fetching ``httpx.Auth`
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import httpx
+from pydantic import SecretStr
 
 
 def http_auth(
@@ -20,3 +23,20 @@ def http_auth(
     if username is not None:
         return {}, httpx.BasicAuth(username, password or "")
     return {}, None
+
+
+class _HasCredentials(Protocol):
+    username: str | None
+    password: SecretStr | None
+    bearer_token: SecretStr | None
+    timeout_s: float
+
+
+def client_kwargs(settings: _HasCredentials) -> dict[str, Any]:
+    """Return the timeout and credentials of a FHIR or DICOM settings group, secrets revealed for use."""
+    return {
+        "timeout_s": settings.timeout_s,
+        "username": settings.username,
+        "password": settings.password.get_secret_value() if settings.password else None,
+        "bearer_token": settings.bearer_token.get_secret_value() if settings.bearer_token else None,
+    }
