@@ -53,6 +53,9 @@ class VerifyReport(BaseModel):
     checkpoints: int = 0
     problems: list[Problem] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
+    head: dict[str, Any] | None = Field(
+        None, description="The chain's last record and newest checkpoint: anchor these outside the database."
+    )
 
 
 def _where(event: Any) -> str:
@@ -260,7 +263,22 @@ def _verify_all(session: Session, verifiers: dict[str, CheckpointSigner], batch_
         checker.warnings.append(
             "checkpoints are unsigned digests: set MEDAGENT_AUDIT__HMAC_KEY or an Ed25519 key to detect forgery"
         )
+    newest = checkpoints[-1] if checkpoints else None
+    head = {
+        "chain_seq": prev_seq,
+        "hash": prev_hash,
+        "checkpoint": None
+        if newest is None
+        else {
+            "chain_seq": newest.chain_seq,
+            "head_hash": newest.head_hash,
+            "algorithm": newest.algorithm,
+            "key_id": newest.key_id,
+            "signature": newest.signature,
+        },
+    }
     return VerifyReport(
+        head=head,
         ok=not checker.problems,
         scope="all",
         records=records,

@@ -82,6 +82,10 @@ def test_intact_trace_verifies(traced: Engine) -> None:
     assert report.ok, report.problems
     assert (report.records, report.runs) == (3 * 7, 3)
     assert report.checkpoints >= 3 and report.warnings == []
+    last = rows(traced, "SELECT chain_seq, hash FROM audit_events ORDER BY chain_seq DESC LIMIT 1")[0]
+    assert report.head is not None
+    assert (report.head["chain_seq"], report.head["hash"]) == (last.chain_seq, last.hash)
+    assert report.head["checkpoint"]["head_hash"] == last.hash  # the last run's end is checkpointed
     for run_id in _run_ids(traced):
         assert _verify(traced, run_id).ok
 
