@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -99,7 +100,14 @@ async def run_ask(
         _finish_failed(recorder, RunCancelledError("the run was cancelled"))
         raise
     except Exception as exc:
-        log.exception("internal error in run %s", recorder.run_id)
+        # Type and place only: an exception's message can quote clinical data, and logs hold no PHI.
+        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        log.error(
+            "internal error in run %s: %s at %s",
+            recorder.run_id,
+            type(exc).__name__,
+            f"{where.filename}:{where.lineno}" if where else "?",
+        )
         error = InternalError(f"internal error ({type(exc).__name__}); see the service log")
         _finish_failed(recorder, error)
         raise error from exc
