@@ -21,7 +21,7 @@ from pydicom.encaps import encapsulate
 from agent.audit.reader import load_run
 from agent.config import DEFAULT_FIXTURES, Settings, get_settings
 from agent.domain.imaging import LabelScore
-from agent.errors import DicomDecodeError, ModelUnavailableError, PatientNotFoundError
+from agent.errors import DicomDecodeError, InternalError, ModelUnavailableError, PatientNotFoundError
 from agent.inference.factory import LoadedModels
 from agent.inference.protocols import GenerationRequest, GenerationResult, ModelIdentity
 from agent.runner import AgentRuntime, ModelCache, run_ask
@@ -206,3 +206,20 @@ async def test_ct_study_is_sent_to_the_reasoner_without_chest_xray_labels(tmp_pa
     assert note.meta["modality"] == "CT"
     prepared = [e for e in trace.events if e.name == "pixel_preparation"]
     assert prepared and all("window" in " ".join(e.meta["steps"]) for e in prepared)
+
+
+async def test_an_unexpected_error_is_recorded_and_logged_without_its_message(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class BrokenReasoner(ScriptedReasoner):
+        def generate(self, request: GenerationRequest) -> GenerationResult:
+            raise RuntimeError("note says: Jane Roe, HIV positive")
+
+    runtime = _runtime(tmp_path, FakeScorer(), BrokenReasoner())
+    with pytest.raises(InternalError) as caught:
+        await run_ask(runtime, patient_id=PATIENTS["noimg"]["patient_id"], question="?")
+    assert "Jane Roe" not in caplog.text and "RuntimeError" in caplog.text
+    trace = load_run(runtime.engine, caught.value.details["run_id"])
+    assert trace.events[-1].meta["failing_step"] == "reason"
+    assert trace.events[-1].meta["error"]["code"] == "internal_error"
+    assert "Jane Roe" not in trace.model_dump_json()
