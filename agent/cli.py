@@ -501,6 +501,25 @@ def db_grant_append_only(
     typer.echo(f"{role}: SELECT, INSERT on the audit tables; UPDATE, DELETE, TRUNCATE revoked")
 
 
+@config_app.command("api-key")
+def config_api_key(
+    user: Annotated[str, typer.Option(help="The user the key acts as (recorded in every run).")],
+    role: Annotated[list[str], typer.Option(help="clinician, auditor, admin or service (repeatable).")],
+    name: Annotated[str, typer.Option(help="A label for the key.")] = "key",
+) -> None:
+    """Make an API key: print it once, and the settings entry (its hash) for MEDAGENT_SERVICE__API_KEYS."""
+    from agent.service.auth import ALL_ROLES, new_api_key
+
+    unknown = [r for r in role if r not in ALL_ROLES]
+    if unknown:
+        _fail(ConfigError(f"unknown role(s) {unknown}: use {', '.join(ALL_ROLES)}"), as_json=False)
+        return
+    key, spec = new_api_key(user, role, name)  # type: ignore[arg-type]
+    typer.echo(f"API key (shown once, give it to {user}): {key}")
+    typer.echo("Add to MEDAGENT_SERVICE__API_KEYS (a JSON list):")
+    typer.echo(spec.model_dump_json())
+
+
 @config_app.command("show")
 def config_show(
     fhir: FhirOpt = None,

@@ -106,11 +106,27 @@ class AuditSettings(BaseModel):
         return None if value == "" else value
 
 
+Role = Literal["clinician", "auditor", "admin", "service"]
+
+
+class ApiKeySpec(BaseModel):
+    """One API key: only its SHA-256 is configured, never the key itself."""
+
+    name: str = Field(description="A label for the key (shown in logs and the trace, never the key).")
+    key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    user: str
+    roles: list[Role]
+
+
 class ServiceSettings(BaseModel):
     """The HTTP API."""
 
     host: str = "127.0.0.1"
     port: int = 8000
+    api_keys: list[ApiKeySpec] = Field(
+        default_factory=list,
+        description="API keys (JSON list; `medagent config api-key` makes one). Without any, dev runs open.",
+    )
 
 
 class Settings(BaseSettings):
@@ -139,6 +155,8 @@ class Settings(BaseSettings):
                 raise ValueError("test models are refused when environment=prod")
             if self.db.url.get_secret_value().startswith("sqlite"):
                 raise ValueError("environment=prod needs a server database, not SQLite")
+            if not self.service.api_keys:
+                raise ValueError("environment=prod needs API keys (MEDAGENT_SERVICE__API_KEYS): the API is never open")
             if not (self.audit.hmac_key or self.audit.ed25519_private_key_file):
                 raise ValueError(
                     "environment=prod needs an audit signing key (MEDAGENT_AUDIT__HMAC_KEY or an Ed25519 key file)"

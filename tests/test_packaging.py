@@ -20,7 +20,13 @@ def test_docker_compose_file_is_valid() -> None:
         if os.environ.get("CI"):
             pytest.fail("docker-compose is not installed (tools/install_test_deps.sh installs it)")
         pytest.skip("SKIPPING: docker-compose not installed")
-    env = {**os.environ, "POSTGRES_PASSWORD": "x", "ORTHANC_PASSWORD": "y", "AUDIT_HMAC_KEY": "z" * 32}
+    env = {
+        **os.environ,
+        "POSTGRES_PASSWORD": "x",
+        "ORTHANC_PASSWORD": "y",
+        "AUDIT_HMAC_KEY": "z" * 32,
+        "API_KEYS": "[]",
+    }
     ok = subprocess.run(
         [tool, "-f", str(PROJECT_ROOT / "docker-compose.yml"), "config", "-q"],
         env=env,

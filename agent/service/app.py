@@ -28,12 +28,15 @@ from agent.domain.answer import AskResult
 from agent.errors import MedagentError
 from agent.runner import run_ask
 from agent.runtime import AgentRuntime
+from agent.service.auth import PrincipalDep, require, require_content_access
 from agent.service.schemas import AskRequest, Problem
 
 PROBLEM_JSON = "application/problem+json"
 _ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": Problem, "description": text}
     for status, text in (
+        (401, "No valid API key"),
+        (403, "The caller lacks the role"),
         (404, "Not found"),
         (422, "Invalid request"),
         (502, "A source failed"),
@@ -86,15 +89,28 @@ def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastA
         return JSONResponse(problem.model_dump(), status_code=422, media_type=PROBLEM_JSON)
 
     @app.post("/v1/ask", response_model=AskResult, responses=_ERROR_RESPONSES, tags=["ask"])
-    async def ask(body: AskRequest, runtime: RuntimeDep) -> AskResult:
-        """Answer a question about a patient; the answer's citations are checked against the sources."""
+    async def ask(body: AskRequest, runtime: RuntimeDep, principal: PrincipalDep) -> AskResult:
+        """Answer a question about a patient; the answer's citations are checked against the sources.
+
+        Needs the clinician role. The caller and their purpose of use (``X-Purpose-Of-Use``,
+        default TREAT) are recorded in the run's trace.
+        """
+        require(principal, "clinician")
         return await run_ask(
-            runtime, patient_id=body.patient_id, question=body.question, trigger="api", as_of=body.as_of
+            runtime,
+            patient_id=body.patient_id,
+            question=body.question,
+            trigger="api",
+            as_of=body.as_of,
+            user_id=principal.user,
+            user_role="clinician",
+            purpose_of_use=principal.purpose_of_use or "TREAT",
         )
 
     @app.get("/v1/runs", response_model=list[RunSummary], tags=["audit"])
     async def runs(
         runtime: RuntimeDep,
+        principal: PrincipalDep,
         limit: int = 50,
         patient: str | None = None,
         user: str | None = None,
@@ -103,7 +119,8 @@ def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastA
         status: str | None = None,
         trigger: str | None = None,
     ) -> list[RunSummary]:
-        """List recorded runs, newest first, filtered by patient id, user, start time, status or trigger."""
+        """List recorded runs, newest first, filtered by patient id, user, start time, status or trigger (auditor)."""
+        require(principal, "auditor", "admin")
         runtime.ensure_schema()
         filters = RunFilter(
             patient_ref=f"Patient/{patient}" if patient else None,
@@ -116,23 +133,27 @@ def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastA
         return list_runs(runtime.engine, limit=min(max(limit, 1), 500), filters=filters)
 
     @app.get("/v1/runs/{run_id}", response_model=RunTrace, responses=_ERROR_RESPONSES, tags=["audit"])
-    async def run(run_id: str, runtime: RuntimeDep, content: bool = True) -> RunTrace:
-        """Return a run's trace: every node, FHIR request, DICOM retrieval and model call, in order.
+    async def run(run_id: str, runtime: RuntimeDep, principal: PrincipalDep, content: bool = False) -> RunTrace:
+        """Return a run's trace: every node, FHIR request, DICOM retrieval and model call, in order (auditor).
 
-        ``content=false`` returns metadata only (no prompts, outputs or answers).
+        Metadata only by default; ``content=true`` adds prompts, outputs and answers (clinician too).
         """
+        require(principal, "auditor", "admin")
+        require_content_access(principal, content)
         runtime.ensure_schema()
         return load_run(runtime.engine, run_id, include_content=content, cipher=runtime.cipher)
 
     @app.get("/v1/runs/{run_id}/verify", response_model=VerifyReport, responses=_ERROR_RESPONSES, tags=["audit"])
-    async def verify_run(run_id: str, runtime: RuntimeDep) -> VerifyReport:
-        """Verify one run's records, content, Merkle root and the checkpoints over it."""
+    async def verify_run(run_id: str, runtime: RuntimeDep, principal: PrincipalDep) -> VerifyReport:
+        """Verify one run's records, content, Merkle root and the checkpoints over it (auditor)."""
+        require(principal, "auditor", "admin")
         runtime.ensure_schema()
         return verify_trace(runtime.engine, verifiers=verifiers_for(runtime.signer), run_id=run_id)
 
     @app.post("/v1/audit/verify", response_model=VerifyReport, tags=["audit"])
-    async def verify_all(runtime: RuntimeDep) -> VerifyReport:
-        """Verify the whole trace: hash chain, content, run rows, Merkle roots and signed checkpoints."""
+    async def verify_all(runtime: RuntimeDep, principal: PrincipalDep) -> VerifyReport:
+        """Verify the whole trace: hash chain, content, run rows, Merkle roots and signed checkpoints (auditor)."""
+        require(principal, "auditor", "admin")
         runtime.ensure_schema()
         return await asyncio.to_thread(verify_trace, runtime.engine, verifiers=verifiers_for(runtime.signer))
 
@@ -140,10 +161,13 @@ def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastA
     async def export(
         run_id: str,
         runtime: RuntimeDep,
+        principal: PrincipalDep,
         format: Literal["fhir", "otel", "json"] = "json",
         content: bool = False,
     ) -> dict[str, Any]:
-        """Export a run as a FHIR Bundle (BALP AuditEvents + Provenance), OTLP JSON spans, or plain JSON."""
+        """Export a run as a FHIR Bundle (BALP AuditEvents + Provenance), OTLP JSON spans, or plain JSON (auditor)."""
+        require(principal, "auditor", "admin")
+        require_content_access(principal, content)
         runtime.ensure_schema()
         trace = load_run(runtime.engine, run_id, include_content=content, cipher=runtime.cipher)
         if format == "fhir":
@@ -153,8 +177,10 @@ def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastA
         return export_json(trace)
 
     @app.get("/v1/runs/{run_id}/replay", response_model=ReplayResult, responses=_ERROR_RESPONSES, tags=["audit"])
-    async def replay_run(run_id: str, runtime: RuntimeDep) -> ReplayResult:
-        """Rebuild the run's answer, sources, citations and timeline from the trace alone."""
+    async def replay_run(run_id: str, runtime: RuntimeDep, principal: PrincipalDep) -> ReplayResult:
+        """Rebuild the run's answer, sources, citations and timeline from the trace alone (auditor and clinician)."""
+        require(principal, "auditor", "admin")
+        require_content_access(principal, True)  # the replayed answer is clinical content
         runtime.ensure_schema()
         return replay(load_run(runtime.engine, run_id, cipher=runtime.cipher))
 
