@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from agent.cli_patient import patient_app
 from agent.config import DEFAULT_FIXTURES, Settings, get_settings
 from agent.domain.answer import AskResult
 from agent.errors import ConfigError, MedagentError
@@ -33,6 +34,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
+app.add_typer(patient_app, name="patient")
 
 DEMO_QUESTION = (
     "What are this patient's active problems and current medications, how have the heart-failure "
@@ -211,7 +213,9 @@ def _parse_as_of(value: str | None) -> datetime | None:
 @app.command()
 def ask(
     question: Annotated[str, typer.Argument(help="The clinical question.")],
-    patient: Annotated[str, typer.Option("--patient", help="Patient logical id.")],
+    patient: Annotated[
+        str, typer.Option("--patient", help="Patient logical id, or identifier=SYSTEM|VALUE (e.g. an MRN).")
+    ],
     fhir: FhirOpt = None,
     fhir_dir: FhirDirOpt = None,
     dicomweb: DicomWebOpt = None,

@@ -15,6 +15,10 @@ class MedagentError(Exception):
     code: ClassVar[str] = "medagent_error"
     exit_code: ClassVar[int] = 1
     http_status: ClassVar[int] = 500
+    #: Whether the message can name a patient (names, birth dates, identifiers searched). Such a
+    #: message is shown to the user who asked, and kept in the trace's content store, but is
+    #: withheld from trace metadata, which auditors read without clinical access.
+    message_has_phi: ClassVar[bool] = False
 
     def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
@@ -22,8 +26,14 @@ class MedagentError(Exception):
         self.details = details or {}
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the safe, serialisable form used by the trace, the CLI's JSON and the API."""
+        """Return the serialisable form used by the CLI's JSON, the API and the trace's content store."""
         return {"code": self.code, "message": self.message, "details": self.details}
+
+    def metadata_dict(self) -> dict[str, Any]:
+        """Return the form kept in trace metadata: the full error, or only its code when it may name a patient."""
+        if self.message_has_phi:
+            return {"code": self.code, "message": "(withheld from metadata: it may identify a patient)"}
+        return self.to_dict()
 
 
 class ConfigError(MedagentError):
@@ -40,6 +50,7 @@ class PatientNotFoundError(MedagentError):
     code = "patient_not_found"
     exit_code = 3
     http_status = 404
+    message_has_phi = True
 
 
 class SourceUnavailableError(MedagentError):
@@ -112,3 +123,12 @@ class RunCancelledError(MedagentError):
     code = "cancelled"
     exit_code = 130
     http_status = 499
+
+
+class AmbiguousPatientError(MedagentError):
+    """Several patients match a search; the caller must choose one (``details["candidates"]``)."""
+
+    code = "patient_ambiguous"
+    exit_code = 3
+    http_status = 409
+    message_has_phi = True

@@ -57,7 +57,7 @@ async def run_ask(
     recorder.start_run(
         kind="ask",
         trigger=trigger,
-        patient_ref=f"Patient/{patient_id}",
+        patient_ref=patient_reference(patient_id),
         settings_fingerprint=settings_fingerprint(settings.masked()),
         user_id=user_id,
         user_role=user_role,
@@ -131,6 +131,13 @@ def _send_spans(runtime: AgentRuntime, run_id: str, endpoint: str) -> None:
         send_otlp(export_otel(load_run(runtime.engine, run_id, include_content=False)), endpoint)
     except MedagentError as exc:
         log.warning("OTLP export of run %s failed: %s", run_id, exc.code)
+
+
+def patient_reference(requested: str) -> str:
+    """Return the run's patient reference: ``Patient/<id>``, or the search for an identifier request."""
+    if requested.startswith("identifier="):
+        return f"Patient?{requested}"
+    return f"Patient/{requested}"
 
 
 def _finish_failed(recorder: TraceRecorder, error: MedagentError) -> None:

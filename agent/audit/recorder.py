@@ -168,11 +168,16 @@ class TraceRecorder:
             reason: why, when there is no error object (e.g. an interrupted run).
         """
         meta: dict[str, Any] = {}
+        content = None
         if error is not None:
-            meta = {"error": error.to_dict(), "failing_step": self.current_node}
+            meta = {"error": error.metadata_dict(), "failing_step": self.current_node}
+            if error.message_has_phi:
+                content = {"error": error.to_dict()}
         if reason:
             meta["reason"] = reason
-        self.event(RUN_FINISHED, status, status=status, meta=meta, with_merkle_root=True, checkpoint=True)
+        self.event(
+            RUN_FINISHED, status, status=status, meta=meta, content=content, with_merkle_root=True, checkpoint=True
+        )
         self.finished_status = status
 
     # -- events --------------------------------------------------------------------------------
@@ -330,7 +335,7 @@ class TraceRecorder:
             yield produced
         except MedagentError as exc:
             elapsed = (time.perf_counter() - started) * 1000
-            meta = {"error": exc.to_dict(), "records": [first, self._seq]}
+            meta = {"error": exc.metadata_dict(), "records": [first, self._seq]}
             self.event(NODE_FINISHED, name, status="failed", duration_ms=elapsed, meta=meta)
             raise
         except Exception as exc:

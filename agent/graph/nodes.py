@@ -17,14 +17,17 @@ from langgraph.runtime import Runtime
 
 from agent.audit.recorder import MODEL_CALL, NOTE
 from agent.domain.imaging import Finding, LabelScore, PreparedImage
-from agent.errors import DicomDecodeError, MedagentError, SourceUnavailableError
+from agent.errors import DicomDecodeError, InvalidResourceError, MedagentError, SourceUnavailableError
 from agent.graph.citations import check_citations
 from agent.graph.prompts import SYSTEM_PROMPT, build_user_prompt
 from agent.graph.state import AskState, RunContext
 from agent.history.context import build_context
 from agent.history.fhir_values import parse_when
 from agent.inference.protocols import GenerationRequest, ModelIdentity
+from agent.sources.fhir_validation import flag_invalid
 from agent.sources.imaging_selection import choose_instances
+from agent.sources.patient_resolution import PatientQuery
+from agent.sources.patient_resolution import resolve_patient as find_the_patient
 from agent.sources.pixels import prepare_instance
 
 NodeFn = Callable[[AskState, Runtime[RunContext]], Awaitable[dict[str, Any]]]
@@ -65,8 +68,9 @@ def describe_update(update: dict[str, Any]) -> dict[str, Any]:
 
 @traced("resolve_patient")
 async def resolve_patient(state: AskState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-    """Read the Patient resource (by logical id)."""
-    patient = await runtime.context.fhir.read("Patient", state["patient_id"])
+    """Find the one Patient the request names (logical id or ``identifier=SYSTEM|VALUE``); never guess."""
+    query = PatientQuery.parse(state["patient_id"])
+    patient = await find_the_patient(runtime.context.fhir, query)
     return {"patient": patient}
 
 
@@ -76,9 +80,25 @@ async def fetch_history(state: AskState, runtime: Runtime[RunContext]) -> dict[s
     ctx = runtime.context
     patient = state["patient"]
     searches = [ctx.fhir.search(kind, {"patient": patient["id"]}) for kind in ctx.history_types]
-    results = await asyncio.gather(*searches)
-    resources = [resource for batch in results for resource in batch]
-    history = build_context(patient, resources, as_of=ctx.as_of)
+    results = await asyncio.gather(*searches, return_exceptions=True)
+    resources: list[dict[str, Any]] = []
+    missing: dict[str, str] = {}
+    for kind, outcome in zip(ctx.history_types, results, strict=True):
+        if isinstance(outcome, SourceUnavailableError | InvalidResourceError):
+            missing[kind] = outcome.code  # the request and its attempts are already in the trace
+        elif isinstance(outcome, BaseException):
+            raise outcome
+        else:
+            resources.extend(outcome)
+    if missing and len(missing) == len(ctx.history_types):
+        raise next(r for r in results if isinstance(r, MedagentError))
+    if missing:
+        ctx.recorder.event(NOTE, "partial_history", status="failed", meta={"missing": missing})
+    _, invalid = flag_invalid(resources)
+    if invalid:
+        # kept as received (raw JSON) and used; the flags tell the auditor which ones were off-spec
+        ctx.recorder.event(NOTE, "invalid_resources", meta={"problems": invalid})
+    history = build_context(patient, resources, as_of=ctx.as_of, missing=missing)
     ctx.recorder.event(
         NOTE,
         "context",
@@ -87,6 +107,7 @@ async def fetch_history(state: AskState, runtime: Runtime[RunContext]) -> dict[s
             # versions make the Provenance export point at exactly what the model read
             "versions": {ref.reference: ref.version for ref in history.sources if ref.version},
             "omitted": history.omitted,
+            "missing": missing,
         },
         content={"text": history.text},
     )
@@ -226,7 +247,7 @@ def _record_failed_call(
         name,
         status="failed",
         duration_ms=(time.perf_counter() - started) * 1000,
-        meta=_model_meta(identity, error=exc.to_dict()),
+        meta=_model_meta(identity, error=exc.metadata_dict()),
     )
 
 

@@ -113,7 +113,11 @@ class _Builder:
 
 
 def build_context(
-    patient: dict[str, Any], resources: Iterable[dict[str, Any]], *, as_of: datetime | None = None
+    patient: dict[str, Any],
+    resources: Iterable[dict[str, Any]],
+    *,
+    as_of: datetime | None = None,
+    missing: dict[str, str] | None = None,
 ) -> HistoryContext:
     """Return the dated, cited text of a patient's record as of a date.
 
@@ -121,6 +125,9 @@ def build_context(
         patient: the Patient resource.
         resources: every other resource fetched for the patient (any order, any types).
         as_of: the date relative times are computed against (default: now, UTC).
+        missing: resource types that could not be fetched (type -> error code): the context
+            says the record is partial, so neither the model nor the reader takes absence as
+            evidence.
     """
     as_of = as_of or datetime.now(UTC)
     by_type: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -130,6 +137,9 @@ def build_context(
 
     builder = _Builder(as_of)
     builder.lines.append(f"As of {as_of.date().isoformat()}.")
+    if missing:
+        kinds = ", ".join(f"{kind} ({code})" for kind, code in sorted(missing.items()))
+        builder.lines.append(f"PARTIAL RECORD: these could not be fetched, so their absence means nothing: {kinds}.")
     patient_row = builder.rows([patient], _patient_line)[0]
     builder.lines.append(patient_row[1])
     builder.shown(patient_row[2])

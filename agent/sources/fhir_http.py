@@ -7,18 +7,28 @@ services, or the test engine in ``tools/fhir_server``). Every HTTP request, incl
 ones and each page of a search, is reported to the run's observer as a
 :class:`~agent.domain.events.FhirRequestEvent`, so the audit trail shows exactly what was read.
 
-Error messages are safe to show a user: they name the server and the resource type, never the
-full query string (which may carry identifiers such as an MRN).
+Transient failures (connection errors, timeouts, HTTP 429, 500, 502, 503 and 504) are retried
+with exponential backoff and jitter, honouring ``Retry-After``; each attempt is its own event, so
+the trace shows every retry and why it happened.
+
+Error messages are safe to show a user: they name the server, the resource type and the request
+path with query values blanked, never the full query string (which may carry identifiers such as
+an MRN).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import random
 import re
 import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, NamedTuple
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -35,6 +45,44 @@ FHIR_JSON = "application/fhir+json"
 # rewriting the request path (``../``, ``?``) when it comes from model output or a request.
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _MAX_DIAGNOSTICS_CHARS = 300
+
+# Answers that say "try again later": rate limiting and the 5xx codes proxies and busy servers
+# send. 501/505 mean "never", so they are not retried; neither is any other 4xx.
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+Sleep = Callable[[float], Awaitable[object]]
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Return the wait a ``Retry-After`` header asks for, in seconds, or None when absent or unreadable.
+
+    Both forms of RFC 9110 are read: delta-seconds (``"120"``) and an HTTP-date
+    (``"Wed, 21 Oct 2015 07:28:00 GMT"``); a date in the past means "now" (0 s).
+
+    Args:
+        value: the header value.
+        now: the current time (tests pass one); defaults to the clock.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        # A negative or non-finite delta is malformed; ignoring it falls back to our own backoff.
+        return seconds if 0 <= seconds < float("inf") else None
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        # RFC 9110 dates are always GMT; "-0000" parses as naive.
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 def _summarise_outcome(body: bytes) -> str:
@@ -56,6 +104,19 @@ def _summarise_outcome(body: bytes) -> str:
     if len(summary) > _MAX_DIAGNOSTICS_CHARS:
         summary = summary[: _MAX_DIAGNOSTICS_CHARS - 3] + "..."
     return summary
+
+
+def _safe_path(relative: str) -> str:
+    """Return a relative request path with every query value blanked, for user-facing messages."""
+    parts = urlsplit(relative)
+    if not parts.query:
+        return parts.path
+    names = [pair.split("=", 1)[0] for pair in parts.query.split("&") if pair]
+    return parts.path + "?" + "&".join(f"{name}=..." for name in names)
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
@@ -88,6 +149,16 @@ class HttpFhirSource:
         client: an existing client to use (tests pass one with a ``MockTransport``); it is not
             closed by :meth:`aclose`. Auth and the Accept header are sent per request, so any
             client works.
+        max_retries: retries after the first attempt for transient failures (connection errors,
+            timeouts, HTTP 429/500/502/503/504); 0 makes one attempt only. The constructor
+            defaults to 0 so a bare source behaves exactly as one request per call;
+            :meth:`from_settings` takes the settings' ``max_retries`` (3 by default).
+        backoff_base_s: the first retry's nominal wait; it doubles on each further retry.
+        backoff_max_s: upper bound on one computed backoff wait.
+        retry_after_max_s: the longest ``Retry-After`` honoured; a server asking for more makes
+            the request fail at once with a message saying so.
+        sleep: the coroutine that waits between attempts (tests pass one that records delays).
+        rng: source of jitter (tests pass a seeded one).
     """
 
     backend = "http"
@@ -103,9 +174,25 @@ class HttpFhirSource:
         bearer_token: str | None = None,
         max_pages: int = 50,
         client: httpx.AsyncClient | None = None,
+        max_retries: int = 0,
+        backoff_base_s: float = 0.2,
+        backoff_max_s: float = 5.0,
+        retry_after_max_s: float = 30.0,
+        sleep: Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
     ) -> None:
         if max_pages < 1:
             raise ValueError("max_pages must be at least 1")
+        if max_retries < 0:
+            raise ValueError("max_retries must not be negative")
+        if backoff_base_s < 0 or backoff_max_s < 0 or retry_after_max_s < 0:
+            raise ValueError("backoff and Retry-After limits must not be negative")
+        self._max_retries = max_retries
+        self._backoff_base_s = backoff_base_s
+        self._backoff_max_s = backoff_max_s
+        self._retry_after_max_s = retry_after_max_s
+        self._sleep = sleep
+        self._rng = rng or random.Random()
         self.base_url = base_url.rstrip("/")
         self._base = httpx.URL(self.base_url + "/")
         self._observer = observer
@@ -125,7 +212,16 @@ class HttpFhirSource:
         """
         if not settings.base_url:
             raise ValueError("FhirSettings.base_url is not set")
-        return cls(settings.base_url, observer=observer, max_pages=settings.max_pages, **client_kwargs(settings))
+        return cls(
+            settings.base_url,
+            observer=observer,
+            max_pages=settings.max_pages,
+            max_retries=settings.max_retries,
+            backoff_base_s=settings.backoff_base_s,
+            backoff_max_s=settings.backoff_max_s,
+            retry_after_max_s=settings.retry_after_max_s,
+            **client_kwargs(settings),
+        )
 
     async def __aenter__(self) -> HttpFhirSource:
         return self
@@ -262,50 +358,111 @@ class HttpFhirSource:
             )
         )
 
+    def _backoff_s(self, attempt: int) -> float:
+        """Return the wait before retry number ``attempt`` (1-based): doubling, capped, jittered.
+
+        The jitter keeps each wait between half and all of the nominal value, so clients that
+        failed together do not retry together, while the wait still grows with each attempt.
+        """
+        nominal = min(self._backoff_max_s, self._backoff_base_s * 2 ** (attempt - 1))
+        return nominal * (0.5 + 0.5 * self._rng.random())
+
     async def _get_json(self, url: httpx.URL, *, what: str) -> _Reply:
-        """GET a URL and decode its JSON body, mapping transport and HTTP errors.
+        """GET a URL and decode its JSON body, retrying transient failures and mapping errors.
 
         A 404 comes back to the caller (its meaning depends on the interaction), as does a 2xx
-        with decoded JSON; the caller emits the event for those. Every other outcome emits its
-        event here and raises.
-        """
-        started = time.perf_counter()
-        try:
-            # The timeout is set per request so "timed out after Ns" holds for a caller's client too.
-            response = await self._client.get(
-                url, headers=self._headers, auth=self._auth or httpx.USE_CLIENT_DEFAULT, timeout=self._timeout_s
-            )
-        except httpx.TimeoutException as exc:
-            error = f"FHIR server {self.base_url} timed out after {self._timeout_s:g}s"
-            self._emit("GET", url, None, [], started, error)
-            raise SourceUnavailableError(error) from exc
-        except httpx.TransportError as exc:
-            reason = str(exc) or type(exc).__name__
-            error = f"FHIR server {self.base_url} could not be reached: {reason}"
-            self._emit("GET", url, None, [], started, error)
-            raise SourceUnavailableError(error) from exc
+        with a decoded FHIR resource; the caller emits the event for those. Every other attempt
+        emits its own event here: a retried one with ``"attempt n/N: ..., retrying in s"`` as
+        its error, the last one with the message of the exception raised.
 
-        status = response.status_code
-        if status == 404:
-            return _Reply(status, None, started)
-        if status in (401, 403):
-            error = f"FHIR server {self.base_url} refused the request: authentication failed (HTTP {status})"
-            self._emit("GET", url, status, [], started, error)
-            raise SourceUnavailableError(error, details={"status": status})
-        if not 200 <= status < 300:
-            summary = _summarise_outcome(response.content)
-            error = f"FHIR server {self.base_url} answered HTTP {status} to a {what} request"
-            if summary:
-                error += f": {summary}"
-            self._emit("GET", url, status, [], started, error)
-            raise SourceUnavailableError(error, details={"status": status})
+        Raises:
+            SourceUnavailableError: authentication refused, a non-retryable HTTP error, a
+                ``Retry-After`` beyond ``retry_after_max_s``, or a transient failure on every
+                attempt. The message names the server, the path (query values blanked), the
+                cause and the number of attempts; ``details`` carry ``status`` (when a response
+                came) and ``attempts`` (when more than one was made).
+            InvalidResourceError: a 2xx body that is not JSON or not a FHIR resource (not
+                retried: the server would answer the same again).
+        """
+        total = self._max_retries + 1
+        where = _safe_path(self._relative_path(url))
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.perf_counter()
+            status: int | None = None
+            retry_after: float | None = None
+            try:
+                # The timeout is set per request so "timed out after Ns" holds for a caller's client too.
+                response = await self._client.get(
+                    url, headers=self._headers, auth=self._auth or httpx.USE_CLIENT_DEFAULT, timeout=self._timeout_s
+                )
+            except httpx.TimeoutException as exc:
+                cause: BaseException | None = exc
+                reason = f"timed out after {self._timeout_s:g}s"
+                short = "timed out"
+            except httpx.TransportError as exc:
+                cause = exc
+                reason = f"could not be reached: {str(exc) or type(exc).__name__}"
+                short = f"connection failed ({type(exc).__name__})"
+            else:
+                cause = None
+                status = response.status_code
+                if status == 404:
+                    return _Reply(status, None, started)
+                if 200 <= status < 300:
+                    return _Reply(status, self._decode(response, url, what, started), started)
+                if status in (401, 403):
+                    error = f"FHIR server {self.base_url} refused the request: authentication failed (HTTP {status})"
+                    self._emit("GET", url, status, [], started, error)
+                    raise SourceUnavailableError(error, details={"status": status})
+                summary = _summarise_outcome(response.content)
+                reason = f"answered HTTP {status} to a {what} request"
+                if summary:
+                    reason += f": {summary}"
+                short = f"HTTP {status}"
+                if status in RETRYABLE_STATUSES:
+                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                else:
+                    # Other 4xx (and 501/505) will not change on a retry.
+                    total = attempt
+
+            details: dict[str, Any] = {} if status is None else {"status": status}
+            if attempt > 1:
+                details["attempts"] = attempt
+            if retry_after is not None and retry_after > self._retry_after_max_s and attempt < total:
+                error = (
+                    f"FHIR server {self.base_url} {reason} and asked to retry after {retry_after:g} s "
+                    f"(Retry-After), more than the {self._retry_after_max_s:g} s limit; gave up on GET {where} "
+                    f"after {_plural(attempt, 'attempt')}"
+                )
+                self._emit("GET", url, status, [], started, error)
+                raise SourceUnavailableError(error, details={**details, "retry_after_s": retry_after}) from cause
+            if attempt >= total:
+                error = f"FHIR server {self.base_url} {reason} (GET {where}, {_plural(attempt, 'attempt')})"
+                self._emit("GET", url, status, [], started, error)
+                raise SourceUnavailableError(error, details=details) from cause
+            delay = retry_after if retry_after is not None else self._backoff_s(attempt)
+            note = f"attempt {attempt}/{total}: {short}, retrying in {delay:.3g} s"
+            if retry_after is not None:
+                note += " (Retry-After)"
+            self._emit("GET", url, status, [], started, note)
+            logger.info("FHIR server %s: %s", self.base_url, note)
+            await self._sleep(delay)
+
+    def _decode(self, response: httpx.Response, url: httpx.URL, what: str, started: float) -> Any:
+        """Return a 2xx body as a FHIR resource dict, or emit the event and raise InvalidResourceError."""
         try:
             data = response.json()
         except ValueError as exc:
             error = f"FHIR server {self.base_url} returned a body that is not JSON for a {what} request"
-            self._emit("GET", url, status, [], started, error)
+            self._emit("GET", url, response.status_code, [], started, error)
             raise InvalidResourceError(error) from exc
-        return _Reply(status, data, started)
+        if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
+            error = f"FHIR server {self.base_url} returned JSON that is not a FHIR resource for a {what} request"
+            self._emit("GET", url, response.status_code, [], started, error)
+            raise InvalidResourceError(error)
+        return data
 
     @staticmethod
     def _collect_matches(

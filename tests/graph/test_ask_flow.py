@@ -21,7 +21,13 @@ from pydicom.encaps import encapsulate
 from agent.audit.reader import load_run
 from agent.config import DEFAULT_FIXTURES, Settings, get_settings
 from agent.domain.imaging import LabelScore
-from agent.errors import DicomDecodeError, InternalError, ModelUnavailableError, PatientNotFoundError
+from agent.errors import (
+    AmbiguousPatientError,
+    DicomDecodeError,
+    InternalError,
+    ModelUnavailableError,
+    PatientNotFoundError,
+)
 from agent.inference.factory import LoadedModels
 from agent.inference.protocols import GenerationRequest, GenerationResult, ModelIdentity
 from agent.runner import AgentRuntime, ModelCache, run_ask
@@ -223,3 +229,39 @@ async def test_an_unexpected_error_is_recorded_and_logged_without_its_message(
     assert trace.events[-1].meta["failing_step"] == "reason"
     assert trace.events[-1].meta["error"]["code"] == "internal_error"
     assert "Jane Roe" not in trace.model_dump_json()
+
+
+async def test_patient_by_identifier_and_ambiguity_never_guessed(tmp_path: Path) -> None:
+    patient = PATIENTS["cxr"]
+    runtime = _runtime(tmp_path, FakeScorer(), ScriptedReasoner())
+    by_mrn = f"identifier={patient['mrn_system']}|{patient['mrn']}"
+    result = await run_ask(runtime, patient_id=by_mrn, question="Status?")
+    assert f"Patient/{patient['patient_id']}" in result.sources
+    assert load_run(runtime.engine, result.run_id).run.patient_ref == f"Patient?{by_mrn}"
+
+    # two patients sharing one MRN: the run fails and says so, and never picks one
+    bundles = tmp_path / "fhir"
+    shutil.copytree(DEFAULT_FIXTURES / "fhir", bundles)
+    twins = [
+        {
+            "resourceType": "Patient",
+            "id": f"twin-{n}",
+            "name": [{"family": "Twin", "given": [f"N{n}"]}],
+            "birthDate": "1970-01-01",
+            "identifier": [{"system": "urn:test:mrn", "value": "DUP-1"}],
+        }
+        for n in (1, 2)
+    ]
+    (bundles / "twins.json").write_text(
+        json.dumps({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": t} for t in twins]})
+    )
+    ambiguous = _runtime(tmp_path / "other", FakeScorer(), ScriptedReasoner())
+    ambiguous.settings.fhir.bundle_dir = bundles
+    with pytest.raises(AmbiguousPatientError) as caught:
+        await run_ask(ambiguous, patient_id="identifier=urn:test:mrn|DUP-1", question="?")
+    assert "twin-1" in caught.value.message and "twin-2" in caught.value.message
+    trace = load_run(ambiguous.engine, caught.value.details["run_id"])
+    end = trace.events[-1]
+    assert end.meta["error"]["code"] == "patient_ambiguous" and end.meta["failing_step"] == "resolve_patient"
+    assert "Twin" not in json.dumps(end.meta)  # names stay out of metadata ...
+    assert "Twin" in json.dumps(end.content)  # ... and are kept in the access-controlled content

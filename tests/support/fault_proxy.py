@@ -1,0 +1,309 @@
+"""A fault-injecting HTTP proxy for resilience tests of the FHIR client.
+
+Where it sits: tests put it on 127.0.0.1 in front of the live FHIR engine (the session's
+``fhir_server``), point :class:`agent.sources.fhir_http.HttpFhirSource` at :attr:`FaultProxy.base_url`
+and script what goes wrong, per request, with rules keyed by a path regex. Requests no rule
+claims are forwarded untouched, so success after the faults is the real server's answer over
+real HTTP.
+
+Example::
+
+    with FaultProxy(fhir_server.base_url) as proxy:
+        proxy.add_rule(r"^Patient/", [Fault.status_code(503), Fault.status_code(503)])
+        ...  # the first two Patient reads get 503, the third reaches the server
+        assert proxy.actions() == ["503", "503", "forward"]
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One scripted misbehaviour, applied to one request.
+
+    Build them with the class methods; ``kind`` is what :meth:`FaultProxy.actions` reports.
+    """
+
+    kind: str
+    status: int = 0
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    delay_s: float = 0.0
+
+    @classmethod
+    def status_code(cls, status: int, *, retry_after: str | None = None, body: bytes = b"") -> Fault:
+        """Answer with ``status`` (429, 500, 502, 503...), optionally with a ``Retry-After`` header."""
+        headers = (("Retry-After", retry_after),) if retry_after is not None else ()
+        return cls(str(status), status=status, headers=headers, body=body)
+
+    @classmethod
+    def retry_after_date(cls, status: int, when: datetime) -> Fault:
+        """Answer with ``status`` and ``Retry-After`` as an HTTP-date (``when`` is an aware datetime)."""
+        return cls.status_code(status, retry_after=format_datetime(when, usegmt=True))
+
+    @classmethod
+    def delay(cls, seconds: float) -> Fault:
+        """Wait ``seconds`` before forwarding, so a client with a shorter timeout gives up."""
+        return cls("delay", delay_s=seconds)
+
+    @classmethod
+    def close(cls) -> Fault:
+        """Close the connection without sending any response."""
+        return cls("close")
+
+    @classmethod
+    def invalid_json(cls) -> Fault:
+        """Answer 200 with a FHIR content type and a body that is not JSON."""
+        return cls("invalid-json", status=200, body=b'{"resourceType": "Bundle", "entry": [')
+
+    @classmethod
+    def outcome(cls, status: int, *, severity: str = "error", code: str = "invalid", diagnostics: str = "") -> Fault:
+        """Answer ``status`` with an OperationOutcome body carrying one issue."""
+        issue = {"severity": severity, "code": code, **({"diagnostics": diagnostics} if diagnostics else {})}
+        body = json.dumps({"resourceType": "OperationOutcome", "issue": [issue]}).encode()
+        return cls(f"outcome-{status}", status=status, body=body)
+
+    @classmethod
+    def corrupt(cls) -> Fault:
+        """Forward, then break the first resource of the answer (or of its Bundle) so it fails validation.
+
+        The resource keeps its type and id; ``meta`` becomes a string, which no FHIR model accepts.
+        """
+        return cls("corrupt")
+
+    @classmethod
+    def forward(cls) -> Fault:
+        """Forward untouched (a placeholder in a script, e.g. fail, pass, fail)."""
+        return cls("forward")
+
+
+@dataclass
+class Record:
+    """What the proxy did with one request."""
+
+    method: str
+    path: str
+    action: str
+    upstream_status: int | None = None
+
+
+@dataclass
+class _Rule:
+    pattern: re.Pattern[str]
+    faults: deque[Fault] = field(default_factory=deque)
+
+
+class FaultProxy:
+    """A threaded HTTP proxy on 127.0.0.1 that forwards to ``upstream`` and injects scripted faults.
+
+    Rules are tried in the order they were added; a request whose path (relative to the upstream
+    base, query included, e.g. ``"Patient/p1"`` or ``"Condition?patient=p1"``) matches a rule with
+    faults left takes the next one. Exhausted rules stay but no longer match.
+
+    Args:
+        upstream: the upstream FHIR base URL (``http://`` only; tests run on loopback).
+        timeout_s: how long to wait on the upstream for one forwarded request.
+    """
+
+    def __init__(self, upstream: str, *, timeout_s: float = 10.0) -> None:
+        parts = urlsplit(upstream.rstrip("/"))
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"FaultProxy forwards to plain http only, not {upstream!r}")
+        self._upstream_host = parts.hostname
+        self._upstream_port = parts.port or 80
+        self._prefix = parts.path  # e.g. "" or "/fhir"
+        self._timeout_s = timeout_s
+        self._rules: list[_Rule] = []
+        self._records: list[Record] = []
+        self._lock = threading.Lock()
+        # Set on stop so handlers sleeping in a delay fault return at once.
+        self._stopping = threading.Event()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.base_url = ""
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> FaultProxy:
+        """Start listening on a free 127.0.0.1 port and serving in a daemon thread."""
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        server.daemon_threads = True
+        self._server = server
+        port = server.server_address[1]
+        self.base_url = f"http://127.0.0.1:{port}{self._prefix}"
+        self._thread = threading.Thread(
+            # A short poll interval keeps stop() quick; the default 0.5 s adds up across tests.
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="fault-proxy",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the listening socket (this proxy only)."""
+        self._stopping.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- script and record ---------------------------------------------------------------------
+
+    def add_rule(self, path_regex: str, faults: list[Fault]) -> None:
+        """Apply ``faults`` one per request, in order, to requests whose relative path matches."""
+        with self._lock:
+            self._rules.append(_Rule(re.compile(path_regex), deque(faults)))
+
+    def clear(self) -> None:
+        """Drop every rule and record."""
+        with self._lock:
+            self._rules.clear()
+            self._records.clear()
+
+    @property
+    def records(self) -> list[Record]:
+        """Return a copy of what was done with each request so far, in arrival order."""
+        with self._lock:
+            return list(self._records)
+
+    def actions(self) -> list[str]:
+        """Return just the action of each request (a fault's kind, or ``"forward"``)."""
+        return [r.action for r in self.records]
+
+    def _next_fault(self, relative: str) -> Fault | None:
+        with self._lock:
+            for rule in self._rules:
+                if rule.faults and rule.pattern.search(relative):
+                    return rule.faults.popleft()
+        return None
+
+    def _record(self, record: Record) -> None:
+        with self._lock:
+            self._records.append(record)
+
+    # -- request handling (runs in the server's threads) --------------------------------------
+
+    def _relative(self, raw_path: str) -> str:
+        path = raw_path
+        if self._prefix and path.startswith(self._prefix):
+            path = path[len(self._prefix) :]
+        return path.lstrip("/")
+
+    def _forward(self, handler: BaseHTTPRequestHandler, body: bytes | None) -> tuple[int, list[tuple[str, str]], bytes]:
+        connection = http.client.HTTPConnection(self._upstream_host, self._upstream_port, timeout=self._timeout_s)
+        try:
+            headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP_HEADERS}
+            # The engine builds absolute links from Host; keeping the proxy's Host makes its
+            # next links point back through the proxy, as a real gateway would arrange.
+            connection.request(handler.command, handler.path, body=body, headers=headers)
+            response = connection.getresponse()
+            payload = response.read()
+            kept = [(k, v) for k, v in response.getheaders() if k.lower() not in _HOP_HEADERS]
+            return response.status, kept, payload
+        finally:
+            connection.close()
+
+    def handle(self, handler: BaseHTTPRequestHandler) -> None:
+        """Serve one request: apply the next matching fault, else forward it."""
+        relative = self._relative(handler.path)
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else None
+        fault = self._next_fault(relative)
+        record = Record(handler.command, relative, fault.kind if fault else "forward")
+        self._record(record)
+        if fault is None or fault.kind == "forward":
+            status, headers, payload = self._forward(handler, body)
+            record.upstream_status = status
+            _send(handler, status, headers, payload)
+        elif fault.kind == "close":
+            # Drop the socket without a byte of response; the client sees a protocol error.
+            handler.close_connection = True
+        elif fault.kind == "delay":
+            if self._stopping.wait(fault.delay_s):
+                return
+            status, headers, payload = self._forward(handler, body)
+            record.upstream_status = status
+            _send(handler, status, headers, payload)
+        elif fault.kind == "corrupt":
+            status, headers, payload = self._forward(handler, body)
+            record.upstream_status = status
+            _send(handler, status, headers, _corrupt(payload))
+        else:
+            headers = [("Content-Type", "application/fhir+json"), *fault.headers]
+            _send(handler, fault.status, headers, fault.body)
+
+
+_HOP_HEADERS = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer", "upgrade", "proxy-connection"}
+)
+
+
+def _corrupt(payload: bytes) -> bytes:
+    """Return the body with its first resource (or first Bundle entry's) made invalid."""
+    data = json.loads(payload)
+    target = data
+    if data.get("resourceType") == "Bundle" and data.get("entry"):
+        target = data["entry"][0]["resource"]
+    target["meta"] = "corrupted-by-fault-proxy"
+    return json.dumps(data).encode()
+
+
+def _send(handler: BaseHTTPRequestHandler, status: int, headers: list[tuple[str, str]], payload: bytes) -> None:
+    try:
+        handler.send_response(status)
+        for name, value in headers:
+            handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.wfile.write(payload)
+    except (BrokenPipeError, ConnectionResetError):
+        # The client gave up first (a timeout fault); nothing is left to tell it.
+        pass
+
+
+def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
+    class _Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            proxy.handle(self)
+
+        def do_POST(self) -> None:
+            proxy.handle(self)
+
+        def do_PUT(self) -> None:
+            proxy.handle(self)
+
+        def do_DELETE(self) -> None:
+            proxy.handle(self)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            # Test output stays readable; the records say what happened.
+            pass
+
+    return _Handler
