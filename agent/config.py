@@ -74,6 +74,9 @@ class ModelSettings(BaseModel):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_new_tokens: int = Field(256, ge=1, le=8192)
+    context_token_budget: int = Field(
+        3000, ge=200, description="Upper bound on the patient record's size in the prompt (tokens, estimated)."
+    )
     reasoner_max_images: int = Field(
         1, ge=0, le=8, description="Images sent to MedGemma (frontal first); each costs ~9 s on a 2-core CPU."
     )

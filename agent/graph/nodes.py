@@ -98,7 +98,14 @@ async def fetch_history(state: AskState, runtime: Runtime[RunContext]) -> dict[s
     if invalid:
         # kept as received (raw JSON) and used; the flags tell the auditor which ones were off-spec
         ctx.recorder.event(NOTE, "invalid_resources", meta={"problems": invalid})
-    history = build_context(patient, resources, as_of=ctx.as_of, missing=missing)
+    history = build_context(
+        patient,
+        resources,
+        as_of=ctx.as_of,
+        missing=missing,
+        question=state["question"],
+        token_budget=ctx.settings.models.context_token_budget,
+    )
     ctx.recorder.event(
         NOTE,
         "context",

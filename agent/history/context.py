@@ -25,6 +25,7 @@ from agent.history.fhir_values import (
     quantity_text,
     range_text,
 )
+from agent.history.relevance import question_terms, relevance
 
 #: How many lines each section shows before summarising the rest by count.
 SECTION_LIMITS = {
@@ -63,6 +64,9 @@ def _status(resource: dict[str, Any], field_name: str) -> str | None:
 
 
 Row = tuple[datetime | None, str, list[ResourceRef]]
+#: Characters per token, the proxy used for the budget (MedGemma's tokenizer averages close to 4
+#: characters per token on English clinical text; the benchmark counts with the real tokenizer).
+CHARS_PER_TOKEN = 4
 
 
 class _Builder:
@@ -95,21 +99,46 @@ class _Builder:
         for ref in refs:
             self.cited.setdefault(ref.reference, ref)
 
-    def section(self, title: str, key: str, rows: list[Row]) -> None:
-        """Add a section, newest first, capped, with the rest counted."""
-        if not rows:
-            return
+    def sections(self, sections: list[tuple[str, str, list[Row]]], terms: set[str], budget_chars: int | None) -> None:
+        """Add the sections: relevant rows first, then newest; capped per section and by the budget.
+
+        Rows that do not fit are counted in a closing line of their section (and in ``omitted``),
+        so nothing is dropped silently.
+        """
         epoch = datetime.min.replace(tzinfo=UTC)
-        rows = sorted(rows, key=lambda row: row[0] or epoch, reverse=True)
-        limit = SECTION_LIMITS[key]
-        self.lines.append(f"## {title} ({len(rows)})")
-        for _, text, refs in rows[:limit]:
-            self.lines.append(f"- {text}")
-            self.shown(refs)
-        if len(rows) > limit:
-            self.omitted[key] = len(rows) - limit
-            self.lines.append(f"- … {len(rows) - limit} older {key} not shown")
-        self.lines.append("")
+        ranked: dict[str, list[tuple[int, Row]]] = {}
+        for _, key, rows in sections:
+            scored = [(relevance(row[1], terms), row) for row in rows]
+            scored.sort(key=lambda item: (item[0], item[1][0] or epoch), reverse=True)
+            ranked[key] = scored[: SECTION_LIMITS[key]]
+        admitted: set[int] = set()
+        if budget_chars is None:
+            admitted = {id(row) for rows in ranked.values() for _, row in rows}
+        else:
+            spent = sum(len(line) + 1 for line in self.lines) + sum(
+                len(title) + 12 for title, _, rows in sections if rows
+            )
+            candidates = [(score, row) for rows in ranked.values() for score, row in rows]
+            candidates.sort(key=lambda item: (item[0], item[1][0] or epoch), reverse=True)
+            for _, row in candidates:
+                cost = len(row[1]) + 3
+                if spent + cost <= budget_chars:
+                    admitted.add(id(row))
+                    spent += cost
+        for title, key, rows in sections:
+            if not rows:
+                continue
+            shown = [row for _, row in ranked[key] if id(row) in admitted]
+            self.lines.append(f"## {title} ({len(rows)})")
+            for _, text, refs in shown:
+                self.lines.append(f"- {text}")
+                self.shown(refs)
+            left_out = len(rows) - len(shown)
+            if left_out:
+                self.omitted[key] = left_out
+                reason = "less relevant to the question or older" if terms else "older"
+                self.lines.append(f"- … {left_out} more {key} not shown ({reason})")
+            self.lines.append("")
 
 
 def build_context(
@@ -118,6 +147,8 @@ def build_context(
     *,
     as_of: datetime | None = None,
     missing: dict[str, str] | None = None,
+    question: str | None = None,
+    token_budget: int | None = None,
 ) -> HistoryContext:
     """Return the dated, cited text of a patient's record as of a date.
 
@@ -128,6 +159,10 @@ def build_context(
         missing: resource types that could not be fetched (type -> error code): the context
             says the record is partial, so neither the model nor the reader takes absence as
             evidence.
+        question: facts whose text matches the question (and its clinical synonyms) come first
+            and survive the budget first.
+        token_budget: upper bound on the context's size, in tokens (estimated at
+            :data:`CHARS_PER_TOKEN` characters each); None keeps every row up to the section caps.
     """
     as_of = as_of or datetime.now(UTC)
     by_type: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -144,18 +179,22 @@ def build_context(
     builder.lines.append(patient_row[1])
     builder.shown(patient_row[2])
     builder.lines.append("")
-    builder.section("Conditions", "conditions", builder.rows(by_type["Condition"], _condition))
-    builder.section("Medications", "medications", builder.rows(by_type["MedicationRequest"], _medication))
-    builder.section("Allergies", "allergies", builder.rows(by_type["AllergyIntolerance"], _allergy))
-    builder.section(
-        "Labs and vitals (latest first)",
-        "observations",
-        builder.rows(_observation_series(by_type["Observation"]), _observation_row),
-    )
-    builder.section("Encounters", "encounters", builder.rows(by_type["Encounter"], _encounter))
-    builder.section("Reports", "reports", builder.rows(by_type["DiagnosticReport"], _report))
-    builder.section("Imaging studies", "imaging", builder.rows(by_type["ImagingStudy"], _imaging))
-    builder.section("Notes (untrusted text)", "notes", builder.rows(by_type["DocumentReference"], _note))
+    sections = [
+        ("Conditions", "conditions", builder.rows(by_type["Condition"], _condition)),
+        ("Medications", "medications", builder.rows(by_type["MedicationRequest"], _medication)),
+        ("Allergies", "allergies", builder.rows(by_type["AllergyIntolerance"], _allergy)),
+        (
+            "Labs and vitals (latest first)",
+            "observations",
+            builder.rows(_observation_series(by_type["Observation"]), _observation_row),
+        ),
+        ("Encounters", "encounters", builder.rows(by_type["Encounter"], _encounter)),
+        ("Reports", "reports", builder.rows(by_type["DiagnosticReport"], _report)),
+        ("Imaging studies", "imaging", builder.rows(by_type["ImagingStudy"], _imaging)),
+        ("Notes (untrusted text)", "notes", builder.rows(by_type["DocumentReference"], _note)),
+    ]
+    budget_chars = token_budget * CHARS_PER_TOKEN if token_budget is not None else None
+    builder.sections(sections, question_terms(question), budget_chars)
     return HistoryContext(
         text="\n".join(builder.lines).strip() + "\n",
         sources=list(builder.cited.values()),

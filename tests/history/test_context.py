@@ -86,7 +86,7 @@ def test_sections_are_capped_and_say_what_was_left_out() -> None:
     ]
     ctx = build_context(PATIENT, encounters, as_of=AS_OF)
     assert f"## Encounters ({limit + 3})" in ctx.text
-    assert "- … 3 older encounters not shown" in ctx.text
+    assert "- … 3 more encounters not shown (older)" in ctx.text
     assert ctx.omitted == {"encounters": 3}
     assert f"[Encounter/e{limit + 2}]" in ctx.text  # newest kept
     assert "[Encounter/e0]" not in ctx.text  # oldest left out, and not claimed as a source
@@ -99,3 +99,50 @@ def test_relative_times() -> None:
     assert relative(datetime(2026, 6, 1, tzinfo=UTC), AS_OF) == "6 months ago"
     assert relative(datetime(2019, 5, 1, tzinfo=UTC), AS_OF) == "7 years ago"
     assert relative(datetime(2026, 12, 2, tzinfo=UTC), AS_OF) == "in 4 days"
+
+
+def _lab(oid: str, code: str, display: str, value: float, unit: str, when: str) -> dict[str, object]:
+    return {
+        "resourceType": "Observation",
+        "id": oid,
+        "code": {"coding": [{"system": "http://loinc.org", "code": code, "display": display}]},
+        "valueQuantity": {"value": value, "unit": unit},
+        "effectiveDateTime": when,
+    }
+
+
+LABS = [
+    _lab("cr", "2160-0", "Creatinine", 1.9, "mg/dL", "2020-01-01"),  # oldest, but about the kidney
+    _lab("hb", "718-7", "Hemoglobin", 12.1, "g/dL", "2026-11-01"),
+    _lab("hr", "8867-4", "Heart rate", 88, "/min", "2026-11-02"),
+    _lab("sp", "59408-5", "Oxygen saturation", 95, "%", "2026-11-03"),
+]
+
+
+def test_relevant_facts_come_first_and_survive_the_budget() -> None:
+    unbudgeted = build_context(PATIENT, LABS, as_of=AS_OF, question="How is her kidney function?")
+    lines = [line for line in unbudgeted.text.splitlines() if line.startswith("- ")]
+    assert lines[0].startswith("- Creatinine")  # synonym match (kidney -> creatinine) beats recency
+
+    tight = build_context(PATIENT, LABS, as_of=AS_OF, question="How is her kidney function?", token_budget=60)
+    assert "[Observation/cr]" in tight.text
+    assert "Observation/hb" not in [s.reference for s in tight.sources]
+    kept = sum(1 for line in tight.text.splitlines() if line.startswith("- ") and "not shown" not in line)
+    assert tight.omitted == {"observations": len(LABS) - kept}  # nothing dropped silently
+    assert f"- … {len(LABS) - kept} more observations not shown (less relevant to the question or older)" in tight.text
+    assert len(tight.text) <= 60 * 4 + 80  # the budget (plus the closing count line)
+
+
+def test_without_a_question_newest_first_within_the_budget() -> None:
+    ctx = build_context(PATIENT, LABS, as_of=AS_OF, token_budget=60)
+    assert "[Observation/sp]" in ctx.text and "[Observation/cr]" not in ctx.text
+    assert "(older)" in ctx.text
+
+
+def test_question_terms_expand_synonyms() -> None:
+    from agent.history.relevance import question_terms, relevance
+
+    terms = question_terms("Is the heart failure getting worse?")
+    assert {"bnp", "nt-probnp", "furosemide"} <= terms and "the" not in terms
+    assert relevance("NT-proBNP: 1800 pg/mL", terms) >= 1
+    assert relevance("Hemoglobin 12 g/dL", terms) == 0

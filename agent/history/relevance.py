@@ -1,0 +1,155 @@
+"""Which facts matter to the question: terms of the question, widened by clinical synonyms.
+
+A deliberately small, transparent matcher: the question's words (lower-cased, plural 's'
+dropped) plus synonym groups (a question about heart failure also wants BNP, furosemide and
+ejection fraction). A row's relevance is how many of those terms its text contains. The
+model's plan (issue 5) will add its own terms through ``extra_terms``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+#: Groups of terms that mean the same clinical concern; any one in the question pulls in all.
+SYNONYM_GROUPS: tuple[frozenset[str], ...] = tuple(
+    frozenset(group)
+    for group in (
+        {
+            "heart failure",
+            "hf",
+            "chf",
+            "cardiac failure",
+            "bnp",
+            "nt-probnp",
+            "natriuretic",
+            "furosemide",
+            "ejection fraction",
+            "edema",
+            "oedema",
+            "weight",
+            "cardiomegaly",
+            "effusion",
+        },
+        {"kidney", "renal", "ckd", "creatinine", "egfr", "gfr", "urea", "bun", "potassium"},
+        {"diabetes", "diabetic", "glucose", "hba1c", "a1c", "hemoglobin a1c", "metformin", "insulin"},
+        {"blood pressure", "bp", "hypertension", "systolic", "diastolic", "lisinopril", "amlodipine"},
+        {
+            "lung",
+            "pulmonary",
+            "copd",
+            "breathing",
+            "dyspnea",
+            "spo2",
+            "oxygen",
+            "saturation",
+            "inhaler",
+            "tiotropium",
+            "x-ray",
+            "xray",
+            "chest",
+            "pneumonia",
+            "opacity",
+        },
+        {"anemia", "anaemia", "hemoglobin", "haemoglobin", "hgb", "iron"},
+        {
+            "heart rate",
+            "pulse",
+            "atrial fibrillation",
+            "af",
+            "afib",
+            "arrhythmia",
+            "apixaban",
+            "anticoagulant",
+            "warfarin",
+            "metoprolol",
+        },
+        {"nodule", "lung nodule", "ct", "mass", "lesion"},
+        {"allergy", "allergies", "allergic", "reaction"},
+        {"medication", "medications", "drug", "drugs", "prescription", "dose"},
+    )
+)
+
+_STOP = frozenset(
+    {
+        "a",
+        "an",
+        "and",
+        "any",
+        "are",
+        "as",
+        "at",
+        "be",
+        "been",
+        "by",
+        "did",
+        "do",
+        "does",
+        "for",
+        "from",
+        "has",
+        "have",
+        "how",
+        "i",
+        "in",
+        "is",
+        "it",
+        "its",
+        "latest",
+        "me",
+        "most",
+        "of",
+        "on",
+        "or",
+        "our",
+        "recent",
+        "show",
+        "tell",
+        "than",
+        "that",
+        "the",
+        "their",
+        "there",
+        "these",
+        "this",
+        "to",
+        "was",
+        "were",
+        "what",
+        "when",
+        "which",
+        "who",
+        "why",
+        "with",
+    }
+)
+_WORD = re.compile(r"[a-z0-9][a-z0-9\-]*")
+
+
+def _words(text: str) -> list[str]:
+    return [word[:-1] if len(word) > 3 and word.endswith("s") else word for word in _WORD.findall(text.lower())]
+
+
+def question_terms(question: str | None, extra_terms: Iterable[str] = ()) -> set[str]:
+    """Return the terms a relevant fact may contain: the question's words plus their synonym groups."""
+    if not question and not extra_terms:
+        return set()
+    text = (question or "").lower()
+    terms = {word for word in _words(text) if word not in _STOP and len(word) > 1}
+    terms |= {term.lower() for term in extra_terms}
+    for group in SYNONYM_GROUPS:
+        if any(_mentions(text, term) for term in group) or terms & group:
+            terms |= group
+    return terms
+
+
+def _mentions(text: str, term: str) -> bool:
+    return re.search(rf"(?<![a-z0-9]){re.escape(term)}(?![a-z0-9])", text) is not None
+
+
+def relevance(text: str, terms: set[str]) -> int:
+    """Return how many of ``terms`` the text contains (whole words or phrases)."""
+    if not terms:
+        return 0
+    lowered = text.lower()
+    return sum(1 for term in terms if _mentions(lowered, term))
