@@ -36,6 +36,26 @@ class FhirSettings(BaseModel):
     backoff_base_s: float = Field(0.2, gt=0, description="First retry wait; doubles per retry, with jitter.")
     backoff_max_s: float = Field(5.0, gt=0, description="Longest wait between retries.")
     retry_after_max_s: float = Field(30.0, gt=0, description="Longest Retry-After honoured; beyond it, fail.")
+    smart_client_id: str | None = Field(
+        None, description="SMART Backend Services client id; setting it turns SMART auth on."
+    )
+    smart_private_key_file: Path | None = Field(
+        None, description="PEM private key: RSA >= 2048 bits for RS384, EC P-384 for ES384."
+    )
+    smart_algorithm: Literal["RS384", "ES384"] = "RS384"
+    smart_key_id: str | None = Field(None, description="kid of the assertion; default: RFC 7638 thumbprint.")
+    smart_scopes: str = Field("system/*.rs", description="Scopes requested with client_credentials.")
+    smart_token_url: str | None = Field(None, description="Token endpoint; skips .well-known discovery.")
+    smart_renew_before_s: float = Field(60.0, ge=0, description="Renew a token when less than this remains.")
+
+    @model_validator(mode="after")
+    def _one_way_to_authenticate(self) -> FhirSettings:
+        if self.smart_client_id:
+            if self.smart_private_key_file is None:
+                raise ValueError("fhir.smart_client_id needs fhir.smart_private_key_file")
+            if self.bearer_token or self.username:
+                raise ValueError("use SMART auth or basic/bearer auth for FHIR, not both")
+        return self
 
     def effective_bundle_dir(self) -> Path:
         """Return the bundle folder to use when no server URL is configured."""
