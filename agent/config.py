@@ -32,6 +32,7 @@ class FhirSettings(BaseModel):
     password: SecretStr | None = None
     bearer_token: SecretStr | None = None
     max_pages: int = Field(50, description="Upper bound on `next` links followed per search.")
+    concurrency: int = Field(4, ge=1, le=32, description="FHIR requests in flight at once per run.")
     max_retries: int = Field(3, ge=0, le=10, description="Retries of 429, 5xx, timeouts and connection errors.")
     backoff_base_s: float = Field(0.2, gt=0, description="First retry wait; doubles per retry, with jitter.")
     backoff_max_s: float = Field(5.0, gt=0, description="Longest wait between retries.")

@@ -315,6 +315,22 @@ class _Exporter:
         read = _READ_PATH.match(path)
         outcome = _outcome(meta.get("status"), meta.get("error"))
         returned = [str(ref) for ref in meta.get("resource_ids") or []]
+        if path.split("?")[0] == "metadata":
+            # The server's CapabilityStatement: an access to the server, not to the patient's data.
+            return self.audit_event(
+                event,
+                type_=_coding(AUDIT_EVENT_TYPE, "rest", "Restful Operation"),
+                subtype=[_coding(RESTFUL_INTERACTION, "capabilities", "capabilities")],
+                action="R",
+                outcome=outcome,
+                agents=[
+                    self.software_agent(_DESTINATION_ROLE),
+                    self.server_agent(_SOURCE_ROLE, f"FHIR source ({meta.get('backend')})", address=self.base_url),
+                    self.user_agent(),
+                ],
+                entities=[],
+                profile=None,
+            )
         entities = self.patient_entity()
         if read is not None:
             interaction = "vread" if read.group("vid") else "read"

@@ -17,14 +17,16 @@ from langgraph.runtime import Runtime
 
 from agent.audit.recorder import MODEL_CALL, NOTE
 from agent.domain.imaging import Finding, LabelScore, PreparedImage
-from agent.errors import DicomDecodeError, InvalidResourceError, MedagentError, SourceUnavailableError
+from agent.errors import DicomDecodeError, MedagentError, SourceUnavailableError
 from agent.graph.citations import check_citations
 from agent.graph.prompts import SYSTEM_PROMPT, build_user_prompt
 from agent.graph.state import AskState, RunContext
 from agent.history.context import build_context
 from agent.history.fhir_values import parse_when
 from agent.inference.protocols import GenerationRequest, ModelIdentity
+from agent.sources.capabilities import discover
 from agent.sources.fhir_validation import flag_invalid
+from agent.sources.history_fetch import fetch_history as fetch_patient_history
 from agent.sources.imaging_selection import choose_instances
 from agent.sources.patient_resolution import PatientQuery
 from agent.sources.patient_resolution import resolve_patient as find_the_patient
@@ -79,19 +81,28 @@ async def fetch_history(state: AskState, runtime: Runtime[RunContext]) -> dict[s
     """Search every history type for the patient in parallel and build the cited context."""
     ctx = runtime.context
     patient = state["patient"]
-    searches = [ctx.fhir.search(kind, {"patient": patient["id"]}) for kind in ctx.history_types]
-    results = await asyncio.gather(*searches, return_exceptions=True)
-    resources: list[dict[str, Any]] = []
-    missing: dict[str, str] = {}
-    for kind, outcome in zip(ctx.history_types, results, strict=True):
-        if isinstance(outcome, SourceUnavailableError | InvalidResourceError):
-            missing[kind] = outcome.code  # the request and its attempts are already in the trace
-        elif isinstance(outcome, BaseException):
-            raise outcome
-        else:
-            resources.extend(outcome)
+    capabilities = await discover(ctx.fhir)
+    fetched = await fetch_patient_history(
+        ctx.fhir,
+        patient["id"],
+        types=ctx.history_types,
+        capabilities=capabilities,
+        concurrency=ctx.settings.fhir.concurrency,
+    )
+    resources, missing = fetched.resources, fetched.missing
     if missing and len(missing) == len(ctx.history_types):
-        raise next(r for r in results if isinstance(r, MedagentError))
+        raise next(iter(fetched.errors.values()))
+    ctx.recorder.event(
+        NOTE,
+        "history_fetch",
+        meta={
+            "strategy": fetched.strategy,
+            "fallback": fetched.fallback,
+            "requests": fetched.requests,
+            "unresolved": fetched.unresolved,
+            "server": capabilities.fhir_version,
+        },
+    )
     if missing:
         ctx.recorder.event(NOTE, "partial_history", status="failed", meta={"missing": missing})
     _, invalid = flag_invalid(resources)

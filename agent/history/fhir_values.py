@@ -8,8 +8,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
+import html
+import math
+import re
 from datetime import UTC, date, datetime
-from typing import Any
+from html.parser import HTMLParser
+from typing import TYPE_CHECKING, Any
+
+from agent.errors import InvalidResourceError, SourceUnavailableError
+
+if TYPE_CHECKING:
+    from agent.sources.protocols import FhirSource
 
 
 def concept_text(concept: Any) -> str | None:
@@ -119,18 +129,166 @@ def range_text(ranges: Any) -> str | None:
 
 
 def attachment_text(attachment: Any, max_chars: int) -> str | None:
-    """Return the text of an inline text/plain attachment (base64 ``data``), truncated.
+    """Return the readable text of an inline attachment (base64 ``data``), truncated.
 
-    Other content types and URL-only attachments return None here; later issues add more.
+    ``text/plain`` (and other ``text/*``) is decoded as is; ``text/html`` and XHTML are reduced to
+    their visible text. Any other content type gives a marker such as
+    ``"[not extracted: application/pdf, 123 KB]"``, so the reader knows a document exists that
+    was not read. URL-only attachments return None here (see :func:`fetch_attachment_text`), as
+    does data that is not valid base64.
     """
     if not isinstance(attachment, dict) or not attachment.get("data"):
         return None
-    content_type = str(attachment.get("contentType", "text/plain")).split(";")[0].strip()
-    if content_type != "text/plain":
-        return None
     try:
-        text = base64.b64decode(attachment["data"], validate=True).decode("utf-8", errors="replace")
+        raw = base64.b64decode(attachment["data"], validate=True)
     except (binascii.Error, ValueError):
         return None
-    text = " ".join(text.split())
+    return _extract(raw, str(attachment.get("contentType", "text/plain")), max_chars, attachment.get("size"))
+
+
+async def fetch_attachment_text(
+    fhir: FhirSource, attachment: Any, max_bytes: int, *, max_chars: int = 20_000
+) -> str | None:
+    """Return an attachment's text, fetching a ``url`` relative to the FHIR base when there is no inline data.
+
+    Only ``Binary/<id>`` URLs (relative, or under the source's own base) are fetched, as a FHIR
+    Binary resource (JSON with base64 ``data``) through the run's source, so the request is
+    retried and traced like any other. Absolute URLs to other hosts are never fetched: that would
+    send the run's credentials, or leak which patient is being read, to a server nobody
+    configured. Every case that yields no text gives a marker saying why, never an error.
+
+    Args:
+        fhir: the run's FHIR source.
+        attachment: a FHIR Attachment (raw JSON).
+        max_bytes: largest attachment read (declared ``size`` checked before fetching, the
+            decoded content after).
+        max_chars: longest text returned.
+    """
+    if not isinstance(attachment, dict):
+        return None
+    content_type = str(attachment.get("contentType", "text/plain"))
+    if attachment.get("data"):
+        return attachment_text(attachment, max_chars)
+    url = attachment.get("url")
+    if not isinstance(url, str) or not url:
+        return None
+    size = attachment.get("size")
+    if isinstance(size, int) and size > max_bytes:
+        return f"[not fetched: {_media_type(content_type)}, {_size_text(size)}, over the {_size_text(max_bytes)} limit]"
+    path = _binary_path(url, getattr(fhir, "base_url", None))
+    if path is None:
+        return f"[not fetched: {_media_type(content_type)} at another host]"
+    try:
+        binary = await fhir.get(path, {})
+    except (SourceUnavailableError, InvalidResourceError) as exc:
+        # The failed request is in the trace; the reader only needs to know the text is absent.
+        return f"[not fetched: {_media_type(content_type)} ({path}) could not be read: {exc.code}]"
+    # The Binary knows its own type better than the referring attachment does.
+    if binary.get("resourceType") == "Binary" and isinstance(binary.get("contentType"), str):
+        content_type = binary["contentType"]
+    data = binary.get("data") if binary.get("resourceType") == "Binary" else None
+    if not isinstance(data, str) or not data:
+        return f"[not extracted: {_media_type(content_type)} ({path}) has no content]"
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return f"[not extracted: {_media_type(content_type)} ({path}) content is not base64]"
+    if len(raw) > max_bytes:
+        limit = _size_text(max_bytes)
+        return f"[not extracted: {_media_type(content_type)}, {_size_text(len(raw))}, over the {limit} limit]"
+    return _extract(raw, content_type, max_chars, None)
+
+
+# A Binary read relative to the base; ids as FHIR defines them.
+_BINARY_PATH = re.compile(r"^Binary/[A-Za-z0-9\-.]{1,64}$")
+_HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+
+
+def _binary_path(url: str, base_url: Any) -> str | None:
+    """Return ``Binary/<id>`` for a URL on the source's own base, or None for anything else."""
+    if isinstance(base_url, str) and base_url and url.startswith(base_url.rstrip("/") + "/"):
+        url = url[len(base_url.rstrip("/")) + 1 :]
+    return url if _BINARY_PATH.match(url) else None
+
+
+def _media_type(content_type: str) -> str:
+    return content_type.split(";")[0].strip().lower() or "unknown type"
+
+
+def _charset(content_type: str) -> str:
+    for part in content_type.split(";")[1:]:
+        name, _, value = part.partition("=")
+        if name.strip().lower() == "charset" and value.strip():
+            candidate = value.strip().strip('"')
+            try:
+                codecs.lookup(candidate)
+            except LookupError:
+                break
+            return candidate
+    return "utf-8"
+
+
+def _size_text(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
+    if size < 1024 * 1024:
+        return f"{math.ceil(size / 1024)} KB"
+    return f"{size / (1024 * 1024):.1f} MB"
+
+
+def _extract(raw: bytes, content_type: str, max_chars: int, declared_size: Any) -> str:
+    """Return the text of decoded attachment bytes, or the "not extracted" marker."""
+    media_type = _media_type(content_type)
+    if media_type in _HTML_TYPES:
+        text = html_to_text(raw.decode(_charset(content_type), errors="replace"))
+    elif media_type.startswith("text/"):
+        text = " ".join(raw.decode(_charset(content_type), errors="replace").split())
+    else:
+        size = declared_size if isinstance(declared_size, int) and declared_size >= 0 else len(raw)
+        return f"[not extracted: {media_type}, {_size_text(size)}]"
     return text if len(text) <= max_chars else text[:max_chars] + "…"
+
+
+class _TextOfHtml(HTMLParser):
+    """Collect the visible text of an HTML document (not scripts, styles or the head's metadata)."""
+
+    _HIDDEN = frozenset({"script", "style", "head", "template", "noscript"})
+    # Block elements end a run of text, so "<p>a</p><p>b</p>" reads "a b", not "ab".
+    _BLOCKS = frozenset(
+        {"p", "div", "br", "li", "tr", "td", "th", "h1", "h2", "h3", "h4", "h5", "h6", "table", "ul", "ol", "title"}
+    )
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._hidden_depth = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self._HIDDEN:
+            self._hidden_depth += 1
+        elif tag in self._BLOCKS:
+            self.parts.append(" ")
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self._BLOCKS:
+            self.parts.append(" ")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._HIDDEN:
+            self._hidden_depth = max(0, self._hidden_depth - 1)
+        elif tag in self._BLOCKS:
+            self.parts.append(" ")
+
+    def handle_data(self, data: str) -> None:
+        if not self._hidden_depth:
+            self.parts.append(data)
+
+
+def html_to_text(markup: str) -> str:
+    """Return the visible text of HTML: tags, scripts and styles removed, entities decoded, whitespace collapsed."""
+    parser = _TextOfHtml()
+    parser.feed(markup)
+    parser.close()
+    # convert_charrefs already decoded entities; a second unescape catches double-escaped ones
+    # ("&amp;lt;") that some EHR exports produce.
+    return " ".join(html.unescape("".join(parser.parts)).split())

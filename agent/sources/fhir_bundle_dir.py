@@ -21,11 +21,16 @@ references; comma-separated values are ORed); on Patient also ``identifier``
 and ignored: all matches come back in file order, with nothing included. Any other parameter is
 refused with the error a strict FHIR server would give (HTTP 400), because ignoring a filter
 would silently return resources the caller did not ask for.
+
+``get`` answers ``metadata`` with a synthetic CapabilityStatement that declares search only (so
+capability discovery chooses per-type searches) and ``Patient/<id>/$everything`` with every
+resource that references the patient, as one searchset page.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +45,8 @@ _IGNORED_PARAMS = frozenset(
 )
 _PATIENT_ONLY_PARAMS = frozenset({"identifier", "birthdate", "name", "family", "given"})
 _SUPPORTED_PARAMS = frozenset({"_id", "patient", "subject"}) | _PATIENT_ONLY_PARAMS
+# One segment of a relative path for generic GETs, as the HTTP source accepts.
+_PATH_SEGMENT = re.compile(r"^[A-Za-z0-9\-._$]{1,64}$")
 
 Resource = dict[str, Any]
 
@@ -118,6 +125,53 @@ def _matches_string(values: list[str], wanted: str) -> bool:
     return any(v.casefold().startswith(p) for v in values for p in prefixes)
 
 
+def _all_references(resource: Resource) -> set[str]:
+    """Return every ``reference`` string anywhere in a resource."""
+    found: set[str] = set()
+
+    def keep(reference: str) -> str:
+        found.add(reference)
+        return reference
+
+    _walk_references(resource, keep)
+    return found
+
+
+def _searchset(resources: list[Resource]) -> dict[str, Any]:
+    """Wrap resources in a one-page searchset Bundle, every entry a match."""
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(resources),
+        "entry": [
+            {"fullUrl": f"{r['resourceType']}/{r['id']}", "resource": r, "search": {"mode": "match"}} for r in resources
+        ],
+    }
+
+
+def _capability_statement(index: dict[str, dict[str, Resource]]) -> dict[str, Any]:
+    """Return a CapabilityStatement saying what this source does: read and search, nothing more."""
+    resources = []
+    for resource_type in sorted(index):
+        names = sorted(_SUPPORTED_PARAMS if resource_type == "Patient" else _SUPPORTED_PARAMS - _PATIENT_ONLY_PARAMS)
+        resources.append(
+            {
+                "type": resource_type,
+                "interaction": [{"code": "read"}, {"code": "search-type"}],
+                "searchParam": [{"name": name, "type": "token" if name == "_id" else "string"} for name in names],
+            }
+        )
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "kind": "instance",
+        "software": {"name": "medagent bundle folder source"},
+        "fhirVersion": "4.0.1",
+        "format": ["json"],
+        "rest": [{"mode": "server", "resource": resources}],
+    }
+
+
 def _last_updated(resource: Resource) -> str:
     meta = resource.get("meta")
     value = meta.get("lastUpdated") if isinstance(meta, dict) else None
@@ -191,6 +245,88 @@ class BundleDirFhirSource:
         ids = [f"{resource_type}/{r['id']}" for r in matches]
         self._emit(path, 200, ids, started, None)
         return json.loads(json.dumps(matches))
+
+    async def get(self, path: str, params: dict[str, str]) -> dict[str, Any]:
+        """Answer the generic GETs a server would: ``metadata``, ``Patient/<id>/$everything``, reads, searches.
+
+        ``metadata`` is a synthetic CapabilityStatement that declares search only (the types in
+        the folder with the parameters :meth:`search` supports; no operations, no ``_include``),
+        so capability discovery picks per-type searches here. ``$everything`` returns the Patient
+        and every resource with a reference to it, as one searchset page; it honours ``_type``
+        (comma-separated) and ``_since`` (``meta.lastUpdated`` at or after it) and ignores ``_count``.
+
+        Raises:
+            ValueError: the path is not a plain relative FHIR path.
+            SourceUnavailableError: the folder is missing, the path is not one of the above, an
+                unsupported parameter, or (for a read) no such resource.
+            PatientNotFoundError: a read of a missing Patient.
+            InvalidResourceError: a file in the folder is not valid JSON or not FHIR.
+        """
+        segments = path.split("/")
+        if not path or not all(_PATH_SEGMENT.match(s) and s not in (".", "..") for s in segments):
+            raise ValueError(f"not a relative FHIR path: {path!r}")
+        if path == "metadata":
+            started = time.perf_counter()
+            index = self._load(path, started)
+            self._emit(path, 200, [], started, None)
+            return _capability_statement(index)
+        if len(segments) == 3 and segments[0] == "Patient" and segments[2] == "$everything":
+            return self._everything(segments[1], params)
+        if len(segments) == 2 and not segments[1].startswith("$") and not params:
+            return await self.read(segments[0], segments[1])
+        if len(segments) == 1 and not segments[0].startswith("$"):
+            matches = await self.search(segments[0], params)
+            return _searchset(matches)
+        started = time.perf_counter()
+        error = f"the bundle folder source does not serve GET {path}"
+        self._emit(path, 404, [], started, error)
+        raise SourceUnavailableError(error, details={"status": 404})
+
+    async def get_all_pages(self, path: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        """Return :meth:`get`'s answer as the only page (the folder never pages).
+
+        Raises:
+            SourceUnavailableError: as :meth:`get`.
+            InvalidResourceError: as :meth:`get`, or the answer is not a Bundle.
+        """
+        page = await self.get(path, params)
+        if page.get("resourceType") != "Bundle":
+            raise InvalidResourceError(f"GET {path} on the bundle folder {self.root} is not a Bundle")
+        return [page]
+
+    def _everything(self, patient_id: str, params: dict[str, str]) -> dict[str, Any]:
+        started = time.perf_counter()
+        path = f"Patient/{patient_id}/$everything"
+        if params:
+            path += f"?{urlencode(params)}"
+        index = self._load(path, started)
+        unsupported = sorted(k for k in params if k not in ("_type", "_since", "_count"))
+        if unsupported:
+            error = f"the bundle folder source does not support {', '.join(unsupported)} on $everything"
+            self._emit(path, 400, [], started, error)
+            raise SourceUnavailableError(error, details={"status": 400})
+        patient = index.get("Patient", {}).get(patient_id)
+        if patient is None:
+            error = f"patient {patient_id} not found in {self.root}"
+            self._emit(path, 404, [], started, error)
+            raise SourceUnavailableError(error, details={"status": 404})
+        wanted = {t.strip() for t in params.get("_type", "").split(",") if t.strip()}
+        since = params.get("_since", "")
+        target = f"Patient/{patient_id}"
+        found: list[Resource] = []
+        for by_id in index.values():
+            for resource in by_id.values():
+                if resource is not patient and target not in _all_references(resource):
+                    continue
+                if wanted and resource["resourceType"] not in wanted:
+                    continue
+                # ISO instants in one zone compare as strings; undated resources are kept.
+                if since and _last_updated(resource) and _last_updated(resource) < since:
+                    continue
+                found.append(resource)
+        ids = [f"{r['resourceType']}/{r['id']}" for r in found]
+        self._emit(path, 200, ids, started, None)
+        return _searchset(json.loads(json.dumps(found)))
 
     # -- matching --------------------------------------------------------------------------------
 

@@ -7,6 +7,10 @@ services, or the test engine in ``tools/fhir_server``). Every HTTP request, incl
 ones and each page of a search, is reported to the run's observer as a
 :class:`~agent.domain.events.FhirRequestEvent`, so the audit trail shows exactly what was read.
 
+Besides ``read`` and ``search``, ``get`` (one GET of ``metadata``, an operation or a Binary) and
+``get_all_pages`` (an operation such as ``Patient/<id>/$everything``, following ``next`` links)
+serve capability discovery and the $everything strategy of :mod:`agent.sources.history_fetch`.
+
 Transient failures (connection errors, timeouts, HTTP 429, 500, 502, 503 and 504) are retried
 with exponential backoff and jitter, honouring ``Retry-After``; each attempt is its own event, so
 the trace shows every retry and why it happened.
@@ -45,6 +49,9 @@ FHIR_JSON = "application/fhir+json"
 # rewriting the request path (``../``, ``?``) when it comes from model output or a request.
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _MAX_DIAGNOSTICS_CHARS = 300
+# One segment of a relative path for generic GETs (``metadata``, ``Patient/<id>/$everything``,
+# ``Binary/<id>``): nothing that could change the path's meaning or smuggle in a query.
+_PATH_SEGMENT = re.compile(r"^[A-Za-z0-9\-._$]{1,64}$")
 
 # Answers that say "try again later": rate limiting and the 5xx codes proxies and busy servers
 # send. 501/505 mean "never", so they are not retried; neither is any other 4xx.
@@ -115,6 +122,25 @@ def _safe_path(relative: str) -> str:
     return parts.path + "?" + "&".join(f"{name}=..." for name in names)
 
 
+def _describe(path: str) -> str:
+    """Return how messages name a generic GET: ``"metadata"``, ``"Patient $everything"``, ``"Binary"``."""
+    segments = path.split("/")
+    operation = next((s for s in segments if s.startswith("$")), None)
+    return f"{segments[0]} {operation}" if operation and not segments[0].startswith("$") else segments[0]
+
+
+def _resource_ids(data: dict[str, Any]) -> list[str]:
+    """Return the ``Type/id`` a body carries: a Bundle's entries, or the resource itself."""
+    if data.get("resourceType") != "Bundle":
+        return [f"{data['resourceType']}/{data['id']}"] if isinstance(data.get("id"), str) else []
+    ids: list[str] = []
+    for entry in data.get("entry") or []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(resource, dict) and isinstance(resource.get("id"), str):
+            ids.append(f"{resource.get('resourceType')}/{resource['id']}")
+    return ids
+
+
 def _plural(count: int, word: str) -> str:
     return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
@@ -174,6 +200,7 @@ class HttpFhirSource:
         bearer_token: str | None = None,
         max_pages: int = 50,
         client: httpx.AsyncClient | None = None,
+        auth: httpx.Auth | None = None,
         max_retries: int = 0,
         backoff_base_s: float = 0.2,
         backoff_max_s: float = 5.0,
@@ -199,6 +226,11 @@ class HttpFhirSource:
         self._timeout_s = timeout_s
         self._max_pages = max_pages
         auth_headers, self._auth = http_auth(username, password, bearer_token)
+        if auth is not None:
+            # e.g. SMART Backend Services: one way to authenticate, never two
+            if auth_headers or self._auth is not None:
+                raise ValueError("pass either auth or username/password/bearer_token, not both")
+            self._auth = auth
         self._headers = {"Accept": FHIR_JSON, **auth_headers}
         self._owns_client = client is None
         self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(timeout_s))
@@ -212,9 +244,26 @@ class HttpFhirSource:
         """
         if not settings.base_url:
             raise ValueError("FhirSettings.base_url is not set")
+        auth = None
+        if settings.smart_client_id and settings.smart_private_key_file:
+            from agent.sources.smart_auth import SmartBackendAuth
+
+            # The key is read and checked here, so a bad key fails when the source is built.
+            auth = SmartBackendAuth.from_files(
+                settings.base_url,
+                settings.smart_client_id,
+                settings.smart_private_key_file,
+                algorithm=settings.smart_algorithm,
+                key_id=settings.smart_key_id,
+                scopes=settings.smart_scopes,
+                token_url=settings.smart_token_url,
+                renew_before_s=settings.smart_renew_before_s,
+                timeout_s=settings.timeout_s,
+            )
         return cls(
             settings.base_url,
             observer=observer,
+            auth=auth,
             max_pages=settings.max_pages,
             max_retries=settings.max_retries,
             backoff_base_s=settings.backoff_base_s,
@@ -322,11 +371,89 @@ class HttpFhirSource:
                 url = None
         return results
 
+    async def get(self, path: str, params: dict[str, str]) -> dict[str, Any]:
+        """Return the JSON body of one GET on a path relative to the FHIR base.
+
+        For interactions that are neither a read nor a type search: ``metadata``, an operation
+        such as ``Patient/<id>/$everything`` (one page; see :meth:`get_all_pages`), or a
+        ``Binary/<id>``. Retried and recorded like every other request.
+
+        Args:
+            path: relative to the base, e.g. ``"metadata"``; segments of letters, digits, ``-``,
+                ``.``, ``_`` and ``$`` only (no query, no ``..``, no absolute URL).
+            params: query parameters.
+
+        Raises:
+            ValueError: the path is not a plain relative FHIR path.
+            SourceUnavailableError: unreachable, timed out, 404 or any other non-2xx answer.
+            InvalidResourceError: the body is not JSON or not a FHIR resource.
+        """
+        url = self._relative_url(path).copy_merge_params(params)
+        what = _describe(path)
+        reply = await self._get_json(url, what=what)
+        if reply.status == 404:
+            error = f"FHIR server {self.base_url} answered HTTP 404 to a {what} request"
+            self._emit("GET", url, 404, [], reply.started, error)
+            raise SourceUnavailableError(error, details={"status": 404})
+        self._emit("GET", url, reply.status, _resource_ids(reply.data), reply.started, None)
+        return dict(reply.data)
+
+    async def get_all_pages(self, path: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        """Return every page (a Bundle each) of a paged answer, following ``next`` links.
+
+        Meant for operations such as ``Patient/<id>/$everything`` whose entries mix types and
+        search modes, so the pages come back whole for the caller to sort. Paging is bounded by
+        ``max_pages`` and refuses cycles and other origins exactly as :meth:`search` does.
+
+        Raises:
+            ValueError: the path is not a plain relative FHIR path.
+            SourceUnavailableError: unreachable, timed out, 404 or a non-2xx answer on any page.
+            InvalidResourceError: a page is not a Bundle, or a ``next`` link points to another origin.
+        """
+        url: httpx.URL | None = self._relative_url(path).copy_merge_params(params)
+        what = _describe(path)
+        pages: list[dict[str, Any]] = []
+        fetched: set[str] = set()
+        while url is not None:
+            fetched.add(str(url))
+            reply = await self._get_json(url, what=what)
+            data = reply.data
+            if reply.status == 404:
+                error = f"FHIR server {self.base_url} answered HTTP 404 to a {what} request"
+                self._emit("GET", url, 404, [], reply.started, error)
+                raise SourceUnavailableError(error, details={"status": 404})
+            if data.get("resourceType") != "Bundle":
+                error = f"FHIR server {self.base_url} returned {data.get('resourceType')!s} instead of a Bundle"
+                self._emit("GET", url, reply.status, [], reply.started, error)
+                raise InvalidResourceError(error)
+            pages.append(data)
+            next_url = self._next_link(data)
+            if next_url is not None and str(next_url) in fetched:
+                logger.warning("FHIR server %s sent a next link to a page already read", self.base_url)
+                next_url = None
+            note = None
+            if next_url is not None and len(pages) >= self._max_pages:
+                note = f"truncated: stopped after {len(pages)} pages (max_pages) with more results available"
+                logger.warning("FHIR %s on %s stopped after %d pages (max_pages)", what, self.base_url, len(pages))
+                next_url = None
+            self._emit("GET", url, reply.status, _resource_ids(data), reply.started, note)
+            if next_url is not None:
+                self._check_same_origin(next_url)
+            url = next_url
+        return pages
+
     # -- helpers ---------------------------------------------------------------------------------
 
     def _check_type(self, resource_type: str) -> None:
         if not _RESOURCE_TYPE.match(resource_type):
             raise ValueError(f"not a FHIR resource type: {resource_type!r}")
+
+    def _relative_url(self, path: str) -> httpx.URL:
+        """Return base + ``path`` after checking it cannot leave the base (no ``..``, query or scheme)."""
+        segments = path.split("/")
+        if not path or not all(_PATH_SEGMENT.match(s) and s not in (".", "..") for s in segments):
+            raise ValueError(f"not a relative FHIR path: {path!r}")
+        return self._base.join(path)
 
     def _relative_path(self, url: httpx.URL) -> str:
         """Return the url relative to the base (path and query), the form events record."""

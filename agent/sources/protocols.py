@@ -31,6 +31,25 @@ class FhirSource(Protocol):
         """Return every matching resource, following `next` links (bounded by settings)."""
         ...
 
+    async def get(self, path: str, params: dict[str, str]) -> dict[str, Any]:
+        """Return the body of one GET on a path relative to the base (``metadata``, an operation, ``Binary/<id>``).
+
+        Raises:
+            ValueError: the path is not a plain relative FHIR path.
+            SourceUnavailableError: unreachable, timed out, 404 or another error answer.
+            InvalidResourceError: the body is not a FHIR resource.
+        """
+        ...
+
+    async def get_all_pages(self, path: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        """Return every Bundle page of an operation such as ``Patient/<id>/$everything``, following ``next`` links.
+
+        Raises:
+            SourceUnavailableError: unreachable, timed out, 404 or another error answer on any page.
+            InvalidResourceError: a page is not a Bundle.
+        """
+        ...
+
     async def aclose(self) -> None:
         """Release connections."""
         ...

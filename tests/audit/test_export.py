@@ -128,6 +128,10 @@ async def test_every_fhir_request_is_one_balp_audit_event(tmp_path: Path) -> Non
         audit = by_seq[event.seq]
         path = event.meta["path"]
         assert audit["type"]["code"] == "rest"
+        if path == "metadata":  # the server's capabilities: not a patient access
+            assert [s["code"] for s in audit["subtype"]] == ["capabilities"]
+            assert "profile" not in audit.get("meta", {}) and entity_refs(audit, "1") == []
+            continue
         assert audit["outcome"] == "0"
         assert entity_refs(audit, "1") == [patient_ref]  # the BALP patient entity
         if "?" in path:

@@ -92,7 +92,7 @@ def test_ask_against_live_servers_is_cited_and_fully_traced(
     assert trace.run.status == "ok"
     fhir = [e for e in trace.events if e.kind == "fhir_request"]
     assert {e.meta["backend"] for e in fhir} == {"http"} and all(e.meta["status"] == 200 for e in fhir)
-    assert {e.meta["path"].split("?")[0] for e in fhir} == {f"Patient/{CXR['patient_id']}", *HISTORY_TYPES}
+    assert {e.meta["path"].split("?")[0] for e in fhir} == {f"Patient/{CXR['patient_id']}", "metadata", *HISTORY_TYPES}
     returned = {rid for e in fhir for rid in e.meta["resource_ids"]}
     assert returned == on_server  # the trace names every resource the server gave us
 

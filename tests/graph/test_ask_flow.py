@@ -120,7 +120,8 @@ async def test_cxr_patient_answer_is_cited_and_every_step_traced(tmp_path: Path)
     ]
     fhir_paths = [e.meta["path"] for e in trace.events if e.kind == "fhir_request"]
     assert fhir_paths[0] == f"Patient/{patient['patient_id']}"
-    assert len(fhir_paths) == 1 + 8
+    assert fhir_paths[1] == "metadata"  # capabilities decide $everything vs per-type searches
+    assert len(fhir_paths) == 1 + 1 + 8
     retrieved = [
         e.meta["sop_instance_uid"]
         for e in trace.events
@@ -138,7 +139,7 @@ async def test_cxr_patient_answer_is_cited_and_every_step_traced(tmp_path: Path)
     assert outputs["resources"]["count"] == sum(len(e.meta["resource_ids"]) for e in searched)
     assert outputs["context_text"]["chars"] > 0  # the text itself is content, not metadata
     first, last = history_end.meta["records"]
-    assert [e.kind for e in trace.events if first <= e.seq <= last].count("fhir_request") == 8
+    assert [e.kind for e in trace.events if first <= e.seq <= last].count("fhir_request") == 1 + 8
     citations = next(e for e in trace.events if e.name == "citations")
     assert citations.meta["dangling"] == ["Observation/00000000-made-up"]
     assert trace.run.status == "ok"

@@ -397,3 +397,29 @@ def test_public_jwks_and_thumbprint() -> None:
     expected = base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()
     assert jwk_thumbprint({**rsa_jwk, "alg": "RS384"}) == expected
     assert rsa_jwk["e"] == "AQAB"
+
+
+async def test_settings_turn_smart_auth_on_for_the_whole_ask_flow(server: TokenServer, tmp_path: Path) -> None:
+    """MEDAGENT_FHIR__SMART_* settings alone are enough: the agent's run reads through the protected gateway."""
+    from agent.config import get_settings
+    from agent.inference.factory import LoadedModels
+    from agent.runner import AgentRuntime, ModelCache, run_ask
+    from tests.graph.test_ask_flow import FakeScorer, ScriptedReasoner
+
+    client_id, pem = KEYS["ES384"]
+    key_file = tmp_path / "client.pem"
+    key_file.write_bytes(pem)
+    settings = get_settings(
+        fhir={
+            "base_url": server.base_url,
+            "smart_client_id": client_id,
+            "smart_private_key_file": key_file,
+            "smart_algorithm": "ES384",
+        },
+        db={"url": f"sqlite:///{tmp_path / 'trace.db'}"},
+    )
+    loaded = LoadedModels(scorer=FakeScorer(), reasoner=ScriptedReasoner(), used_test_models=False)
+    runtime = AgentRuntime(settings=settings, models=ModelCache(loader=lambda _s: loaded))
+    result = await run_ask(runtime, patient_id=CXR_PATIENT, question="Status?")
+    assert result.status == "ok" and f"Patient/{CXR_PATIENT}" in result.sources
+    assert server.issued == 1  # one token for every request of the run
