@@ -72,8 +72,10 @@ CHARS_PER_TOKEN = 4
 class _Builder:
     """Accumulates lines; a resource becomes a source only if its line is actually shown."""
 
-    def __init__(self, as_of: datetime) -> None:
+    def __init__(self, as_of: datetime, index: dict[str, dict[str, Any]] | None = None) -> None:
         self.as_of = as_of
+        #: every fetched resource by "Type/id", to name what references point at
+        self.index = index or {}
         self.lines: list[str] = []
         self.cited: dict[str, ResourceRef] = {}
         self.omitted: dict[str, int] = {}
@@ -170,7 +172,7 @@ def build_context(
         if isinstance(resource, dict) and resource.get("resourceType") and resource.get("id"):
             by_type[resource["resourceType"]].append(resource)
 
-    builder = _Builder(as_of)
+    builder = _Builder(as_of, {f"{r['resourceType']}/{r['id']}": r for rs in by_type.values() for r in rs})
     builder.lines.append(f"As of {as_of.date().isoformat()}.")
     if missing:
         kinds = ", ".join(f"{kind} ({code})" for kind, code in sorted(missing.items()))
@@ -231,16 +233,22 @@ def _dated(when: datetime | None, b: _Builder) -> str:
 
 def _medication(resource: dict[str, Any], b: _Builder) -> tuple[datetime | None, str]:
     med = concept_text(resource.get("medicationCodeableConcept"))
+    medication_tag = ""
     if med is None:
-        ref = (resource.get("medicationReference") or {}).get("display")
-        med = ref or "unnamed medication"
+        reference = resource.get("medicationReference") or {}
+        medication = b.index.get(str(reference.get("reference", "")))
+        if medication is not None:
+            # the Medication resource was fetched (followed reference or _include): name it and cite it
+            med = concept_text(medication.get("code"))
+            medication_tag = f" {b.cite(medication)}"
+        med = med or reference.get("display") or "unnamed medication"
     status = resource.get("status", "unknown")
     when = parse_when(resource.get("authoredOn"))
     dosage = ""
     instructions = resource.get("dosageInstruction") or []
     if instructions and isinstance(instructions[0], dict) and instructions[0].get("text"):
         dosage = f"; {instructions[0]['text']}"
-    return when, f"{med}: {status}, ordered {_dated(when, b)}{dosage} {b.cite(resource)}"
+    return when, f"{med}: {status}, ordered {_dated(when, b)}{dosage} {b.cite(resource)}{medication_tag}"
 
 
 def _allergy(resource: dict[str, Any], b: _Builder) -> tuple[datetime | None, str]:

@@ -146,3 +146,34 @@ def test_question_terms_expand_synonyms() -> None:
     assert {"bnp", "nt-probnp", "furosemide"} <= terms and "the" not in terms
     assert relevance("NT-proBNP: 1800 pg/mL", terms) >= 1
     assert relevance("Hemoglobin 12 g/dL", terms) == 0
+
+
+def test_a_referenced_medication_is_named_and_cited() -> None:
+    medication = {
+        "resourceType": "Medication",
+        "id": "m1",
+        "code": {
+            "coding": [
+                {
+                    "system": "http://www.nlm.nih.gov/research/umls/rxnorm",
+                    "code": "310429",
+                    "display": "Furosemide 20 MG Oral Tablet",
+                }
+            ]
+        },
+    }
+    order = {
+        "resourceType": "MedicationRequest",
+        "id": "mr1",
+        "status": "active",
+        "authoredOn": "2026-10-01",
+        "medicationReference": {"reference": "Medication/m1"},
+        "dosageInstruction": [{"text": "20 mg once daily"}],
+    }
+    ctx = build_context(PATIENT, [order, medication], as_of=AS_OF)
+    expected = (
+        "- Furosemide 20 MG Oral Tablet: active, ordered 2026-10-01 (58 days ago); 20 mg once daily "
+        "[MedicationRequest/mr1] [Medication/m1]"
+    )
+    assert expected in ctx.text
+    assert {"MedicationRequest/mr1", "Medication/m1"} <= {s.reference for s in ctx.sources}
