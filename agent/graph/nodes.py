@@ -22,7 +22,7 @@ from agent.graph.citations import check_citations
 from agent.graph.prompts import SYSTEM_PROMPT, build_user_prompt
 from agent.graph.state import AskState, RunContext
 from agent.history.context import build_context
-from agent.history.fhir_values import parse_when
+from agent.history.fhir_values import fetch_attachment_text, parse_when
 from agent.inference.protocols import GenerationRequest, ModelIdentity
 from agent.sources.capabilities import discover
 from agent.sources.fhir_validation import flag_invalid
@@ -116,6 +116,7 @@ async def fetch_history(state: AskState, runtime: Runtime[RunContext]) -> dict[s
         missing=missing,
         question=state["question"],
         token_budget=ctx.settings.models.context_token_budget,
+        attachment_texts=await _url_attachment_texts(ctx, resources),
     )
     ctx.recorder.event(
         NOTE,
@@ -136,6 +137,25 @@ async def fetch_history(state: AskState, runtime: Runtime[RunContext]) -> dict[s
         "sources": [ref.reference for ref in history.sources],
         "imaging_study": _newest_study(studies),
     }
+
+
+#: Largest attachment fetched by URL for a note (bytes).
+MAX_ATTACHMENT_BYTES = 2_000_000
+
+
+async def _url_attachment_texts(ctx: RunContext, resources: list[dict[str, Any]]) -> dict[str, str]:
+    """Fetch the text of notes given by URL (Binary on the same server), for the context builder."""
+    texts: dict[str, str] = {}
+    for resource in resources:
+        if resource.get("resourceType") != "DocumentReference":
+            continue
+        for number, content in enumerate(resource.get("content") or []):
+            attachment = content.get("attachment") if isinstance(content, dict) else None
+            if isinstance(attachment, dict) and attachment.get("url") and not attachment.get("data"):
+                text = await fetch_attachment_text(ctx.fhir, attachment, MAX_ATTACHMENT_BYTES)
+                if text is not None:
+                    texts[f"DocumentReference/{resource['id']}#{number}"] = text
+    return texts
 
 
 def _newest_study(studies: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -72,8 +72,15 @@ CHARS_PER_TOKEN = 4
 class _Builder:
     """Accumulates lines; a resource becomes a source only if its line is actually shown."""
 
-    def __init__(self, as_of: datetime, index: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        as_of: datetime,
+        index: dict[str, dict[str, Any]] | None = None,
+        attachment_texts: dict[str, str] | None = None,
+    ) -> None:
         self.as_of = as_of
+        #: text of URL attachments fetched before building ("Type/id#content index" -> text)
+        self.attachment_texts = attachment_texts or {}
         #: every fetched resource by "Type/id", to name what references point at
         self.index = index or {}
         self.lines: list[str] = []
@@ -151,6 +158,7 @@ def build_context(
     missing: dict[str, str] | None = None,
     question: str | None = None,
     token_budget: int | None = None,
+    attachment_texts: dict[str, str] | None = None,
 ) -> HistoryContext:
     """Return the dated, cited text of a patient's record as of a date.
 
@@ -165,6 +173,8 @@ def build_context(
             and survive the budget first.
         token_budget: upper bound on the context's size, in tokens (estimated at
             :data:`CHARS_PER_TOKEN` characters each); None keeps every row up to the section caps.
+        attachment_texts: text of attachments given by URL, fetched beforehand
+            (``"DocumentReference/<id>#<content index>"`` -> text).
     """
     as_of = as_of or datetime.now(UTC)
     by_type: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -172,7 +182,8 @@ def build_context(
         if isinstance(resource, dict) and resource.get("resourceType") and resource.get("id"):
             by_type[resource["resourceType"]].append(resource)
 
-    builder = _Builder(as_of, {f"{r['resourceType']}/{r['id']}": r for rs in by_type.values() for r in rs})
+    index = {f"{r['resourceType']}/{r['id']}": r for rs in by_type.values() for r in rs}
+    builder = _Builder(as_of, index, attachment_texts)
     builder.lines.append(f"As of {as_of.date().isoformat()}.")
     if missing:
         kinds = ", ".join(f"{kind} ({code})" for kind, code in sorted(missing.items()))
@@ -365,8 +376,12 @@ def _note(resource: dict[str, Any], b: _Builder) -> tuple[datetime | None, str]:
     when = parse_when(resource.get("date"))
     kind = concept_text(resource.get("type")) or "note"
     texts = []
-    for content in resource.get("content") or []:
+    for number, content in enumerate(resource.get("content") or []):
         text = attachment_text(content.get("attachment"), NOTE_CHARS)
+        if text is None:
+            text = b.attachment_texts.get(f"DocumentReference/{resource['id']}#{number}")
+            if text is not None and len(text) > NOTE_CHARS:
+                text = text[:NOTE_CHARS] + "…"
         if text:
             texts.append(text)
     body = " ".join(texts) if texts else "(no inline text extracted)"

@@ -266,3 +266,40 @@ async def test_patient_by_identifier_and_ambiguity_never_guessed(tmp_path: Path)
     assert end.meta["error"]["code"] == "patient_ambiguous" and end.meta["failing_step"] == "resolve_patient"
     assert "Twin" not in json.dumps(end.meta)  # names stay out of metadata ...
     assert "Twin" in json.dumps(end.content)  # ... and are kept in the access-controlled content
+
+
+async def test_a_note_given_by_url_is_fetched_and_read(tmp_path: Path) -> None:
+    import base64
+
+    patient = PATIENTS["noimg"]
+    bundles = tmp_path / "fhir"
+    shutil.copytree(DEFAULT_FIXTURES / "fhir", bundles)
+    text = "Discharge summary: foot exam normal, continue metformin."
+    binary = {
+        "resourceType": "Binary",
+        "id": "note-b1",
+        "contentType": "text/plain",
+        "data": base64.b64encode(text.encode()).decode(),
+    }
+    note = {
+        "resourceType": "DocumentReference",
+        "id": "note-url",
+        "status": "current",
+        "subject": {"reference": f"Patient/{patient['patient_id']}"},
+        "date": "2026-11-20T10:00:00Z",
+        "type": {"text": "Discharge summary"},
+        "content": [{"attachment": {"contentType": "text/plain", "url": "Binary/note-b1"}}],
+    }
+    (bundles / "url-note.json").write_text(
+        json.dumps(
+            {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": binary}, {"resource": note}]}
+        )
+    )
+    reasoner = ScriptedReasoner()
+    runtime = _runtime(tmp_path / "run", FakeScorer(), reasoner)
+    runtime.settings.fhir.bundle_dir = bundles
+    result = await run_ask(runtime, patient_id=patient["patient_id"], question="What did the discharge note say?")
+    assert "DocumentReference/note-url" in result.sources
+    assert text in reasoner.requests[0].user_text
+    trace = load_run(runtime.engine, result.run_id)
+    assert "Binary/note-b1" in [e.meta["path"] for e in trace.events if e.kind == "fhir_request"]  # fetched, traced
