@@ -8,6 +8,7 @@ what is left out is said, never silently dropped.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -81,6 +82,10 @@ class _Builder:
         self.as_of = as_of
         #: text of URL attachments fetched before building ("Type/id#content index" -> text)
         self.attachment_texts = attachment_texts or {}
+        #: years the question names, and whether it asks for a first / baseline value: older
+        #: readings of a series are shown only when the question points at them
+        self.question_years: set[int] = set()
+        self.wants_first = False
         #: every fetched resource by "Type/id", to name what references point at
         self.index = index or {}
         self.lines: list[str] = []
@@ -124,8 +129,9 @@ class _Builder:
         if budget_chars is None:
             admitted = {id(row) for rows in ranked.values() for _, row in rows}
         else:
+            # headers, blank lines and a possible "… N more not shown" line per section count too
             spent = sum(len(line) + 1 for line in self.lines) + sum(
-                len(title) + 12 for title, _, rows in sections if rows
+                len(title) + 12 + 80 for title, _, rows in sections if rows
             )
             candidates = [(score, row) for rows in ranked.values() for score, row in rows]
             candidates.sort(key=lambda item: (item[0], item[1][0] or epoch), reverse=True)
@@ -184,6 +190,7 @@ def build_context(
 
     index = {f"{r['resourceType']}/{r['id']}": r for rs in by_type.values() for r in rs}
     builder = _Builder(as_of, index, attachment_texts)
+    builder.question_years, builder.wants_first = _question_time_hints(question)
     builder.lines.append(f"As of {as_of.date().isoformat()}.")
     if missing:
         kinds = ", ".join(f"{kind} ({code})" for kind, code in sorted(missing.items()))
@@ -319,9 +326,31 @@ def _observation_row(series: Series, b: _Builder) -> tuple[datetime | None, str]
         prev_when, previous = series[1]
         prev_value = _observation_value(previous) or "no value"
         text += f"; previous {prev_value} on {_dated(prev_when, b)} {b.cite(previous)}{_trend(latest, previous)}"
-        if len(series) > 2:
-            text += f"; {len(series) - 2} earlier"
+        earlier = series[2:]
+        wanted: list[tuple[datetime | None, dict[str, Any]]] = [
+            (earlier_when, reading)
+            for earlier_when, reading in earlier
+            if earlier_when is not None and earlier_when.year in b.question_years
+        ]
+        if b.wants_first and earlier and earlier[-1] not in wanted:
+            wanted.append(earlier[-1])  # the earliest reading: a baseline question
+        for earlier_when, reading in wanted[:4]:
+            shown = _observation_value(reading) or "no value"
+            text += f"; {shown} on {_dated(earlier_when, b)} {b.cite(reading)}"
+        if len(earlier) > len(wanted[:4]):
+            text += f"; {len(earlier) - len(wanted[:4])} earlier"
     return when, text
+
+
+_YEAR = re.compile(r"\b(19[5-9]\d|20\d\d)\b")
+_FIRST = re.compile(r"\b(first|baseline|initial|earliest|when .* (found|diagnosed|started))\b", re.IGNORECASE)
+
+
+def _question_time_hints(question: str | None) -> tuple[set[int], bool]:
+    """Return the years a question names and whether it asks for a first or baseline value."""
+    if not question:
+        return set(), False
+    return {int(year) for year in _YEAR.findall(question)}, _FIRST.search(question) is not None
 
 
 def _trend(latest: dict[str, Any], previous: dict[str, Any]) -> str:

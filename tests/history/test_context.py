@@ -124,17 +124,17 @@ def test_relevant_facts_come_first_and_survive_the_budget() -> None:
     lines = [line for line in unbudgeted.text.splitlines() if line.startswith("- ")]
     assert lines[0].startswith("- Creatinine")  # synonym match (kidney -> creatinine) beats recency
 
-    tight = build_context(PATIENT, LABS, as_of=AS_OF, question="How is her kidney function?", token_budget=60)
+    tight = build_context(PATIENT, LABS, as_of=AS_OF, question="How is her kidney function?", token_budget=80)
     assert "[Observation/cr]" in tight.text
     assert "Observation/hb" not in [s.reference for s in tight.sources]
     kept = sum(1 for line in tight.text.splitlines() if line.startswith("- ") and "not shown" not in line)
     assert tight.omitted == {"observations": len(LABS) - kept}  # nothing dropped silently
     assert f"- … {len(LABS) - kept} more observations not shown (less relevant to the question or older)" in tight.text
-    assert len(tight.text) <= 60 * 4 + 80  # the budget (plus the closing count line)
+    assert len(tight.text) <= 80 * 4  # within the budget, closing count line included
 
 
 def test_without_a_question_newest_first_within_the_budget() -> None:
-    ctx = build_context(PATIENT, LABS, as_of=AS_OF, token_budget=60)
+    ctx = build_context(PATIENT, LABS, as_of=AS_OF, token_budget=80)
     assert "[Observation/sp]" in ctx.text and "[Observation/cr]" not in ctx.text
     assert "(older)" in ctx.text
 
@@ -177,3 +177,16 @@ def test_a_referenced_medication_is_named_and_cited() -> None:
     )
     assert expected in ctx.text
     assert {"MedicationRequest/mr1", "Medication/m1"} <= {s.reference for s in ctx.sources}
+
+
+def test_older_readings_are_shown_when_the_question_points_at_them() -> None:
+    series = [
+        _lab(f"a{year}", "4548-4", "Hemoglobin A1c", 7.0 + (2026 - year) / 10, "%", f"{year}-03-01")
+        for year in range(2019, 2027)
+    ]
+    plain = build_context(PATIENT, series, as_of=AS_OF, question="How is her diabetes?")
+    assert "[Observation/a2019]" not in plain.text and "6 earlier" in plain.text
+    dated = build_context(PATIENT, series, as_of=AS_OF, question="What was the HbA1c in 2020?")
+    assert "[Observation/a2020]" in dated.text and "5 earlier" in dated.text
+    first = build_context(PATIENT, series, as_of=AS_OF, question="What was the baseline HbA1c?")
+    assert "[Observation/a2019]" in first.text
