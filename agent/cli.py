@@ -601,7 +601,7 @@ def bench_fhir(
     """Compare context assembly with a sequential per-type baseline: time, requests, tokens, fact recall."""
     from agent.bench.fhir import run_benchmark
 
-    typer.echo(json.dumps(run_benchmark(observations=observations, repeats=repeats)))
+    run_benchmark(observations=observations, repeats=repeats, echo=typer.echo)  # its last line is the JSON
 
 
 def main() -> None:
