@@ -26,8 +26,9 @@ from datetime import datetime
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any
 from urllib.parse import urlsplit
+
+from tests.support.http_handlers import handler_class, send
 
 
 @dataclass(frozen=True)
@@ -240,7 +241,7 @@ class FaultProxy:
         if fault is None or fault.kind == "forward":
             status, headers, payload = self._forward(handler, body)
             record.upstream_status = status
-            _send(handler, status, headers, payload)
+            send(handler, status, headers, payload)
         elif fault.kind == "close":
             # Drop the socket without a byte of response; the client sees a protocol error.
             handler.close_connection = True
@@ -249,14 +250,14 @@ class FaultProxy:
                 return
             status, headers, payload = self._forward(handler, body)
             record.upstream_status = status
-            _send(handler, status, headers, payload)
+            send(handler, status, headers, payload)
         elif fault.kind == "corrupt":
             status, headers, payload = self._forward(handler, body)
             record.upstream_status = status
-            _send(handler, status, headers, _corrupt(payload))
+            send(handler, status, headers, _corrupt(payload))
         else:
             headers = [("Content-Type", "application/fhir+json"), *fault.headers]
-            _send(handler, fault.status, headers, fault.body)
+            send(handler, fault.status, headers, fault.body)
 
 
 _HOP_HEADERS = frozenset(
@@ -274,36 +275,5 @@ def _corrupt(payload: bytes) -> bytes:
     return json.dumps(data).encode()
 
 
-def _send(handler: BaseHTTPRequestHandler, status: int, headers: list[tuple[str, str]], payload: bytes) -> None:
-    try:
-        handler.send_response(status)
-        for name, value in headers:
-            handler.send_header(name, value)
-        handler.send_header("Content-Length", str(len(payload)))
-        handler.send_header("Connection", "close")
-        handler.end_headers()
-        handler.wfile.write(payload)
-    except (BrokenPipeError, ConnectionResetError):
-        # The client gave up first (a timeout fault); nothing is left to tell it.
-        pass
-
-
 def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
-    class _Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            proxy.handle(self)
-
-        def do_POST(self) -> None:
-            proxy.handle(self)
-
-        def do_PUT(self) -> None:
-            proxy.handle(self)
-
-        def do_DELETE(self) -> None:
-            proxy.handle(self)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            # Test output stays readable; the records say what happened.
-            pass
-
-    return _Handler
+    return handler_class(proxy.handle)

@@ -41,6 +41,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from tests.support.http_handlers import handler_class, send
+
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_ASSERTION_LIFETIME_S = 300
 _HOP_HEADERS = frozenset(
@@ -349,7 +351,7 @@ class TokenServer:
             status, headers, payload = self.forward(handler, body or None)
             with self._lock:
                 self.gateway.append(GatewayRecord(handler.command, handler.path, status))
-            _send(handler, status, headers, payload)
+            send(handler, status, headers, payload)
 
 
 def _send_json(
@@ -357,39 +359,8 @@ def _send_json(
 ) -> None:
     # Token answers must not be cached (RFC 6749 section 5.1).
     headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store"), *(extra or [])]
-    _send(handler, status, headers, json.dumps(data).encode())
-
-
-def _send(handler: BaseHTTPRequestHandler, status: int, headers: list[tuple[str, str]], payload: bytes) -> None:
-    try:
-        handler.send_response(status)
-        for name, value in headers:
-            handler.send_header(name, value)
-        handler.send_header("Content-Length", str(len(payload)))
-        handler.send_header("Connection", "close")
-        handler.end_headers()
-        handler.wfile.write(payload)
-    except (BrokenPipeError, ConnectionResetError):
-        # The client gave up first; nothing is left to tell it.
-        pass
+    send(handler, status, headers, json.dumps(data).encode())
 
 
 def _make_handler(server: TokenServer) -> type[BaseHTTPRequestHandler]:
-    class _Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            server.handle(self)
-
-        def do_POST(self) -> None:
-            server.handle(self)
-
-        def do_PUT(self) -> None:
-            server.handle(self)
-
-        def do_DELETE(self) -> None:
-            server.handle(self)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            # Test output stays readable; the counters and records say what happened.
-            pass
-
-    return _Handler
+    return handler_class(server.handle)
