@@ -16,7 +16,6 @@ Example::
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
 import threading
@@ -24,11 +23,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import format_datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
+from typing import Self
 from urllib.parse import urlsplit
 
-from tests.support.http_handlers import handler_class, send
+from tests.support.http_handlers import LoopbackServer, send
 
 
 @dataclass(frozen=True)
@@ -107,7 +106,7 @@ class _Rule:
     faults: deque[Fault] = field(default_factory=deque)
 
 
-class FaultProxy:
+class FaultProxy(LoopbackServer):
     """A threaded HTTP proxy on 127.0.0.1 that forwards to ``upstream`` and injects scripted faults.
 
     Rules are tried in the order they were added; a request whose path (relative to the upstream
@@ -119,60 +118,33 @@ class FaultProxy:
         timeout_s: how long to wait on the upstream for one forwarded request.
     """
 
+    thread_name = "fault-proxy"
+
     def __init__(self, upstream: str, *, timeout_s: float = 10.0) -> None:
         parts = urlsplit(upstream.rstrip("/"))
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"FaultProxy forwards to plain http only, not {upstream!r}")
-        self._upstream_host = parts.hostname
-        self._upstream_port = parts.port or 80
+        super().__init__(parts.hostname, parts.port or 80, timeout_s)
         self._prefix = parts.path  # e.g. "" or "/fhir"
-        self._timeout_s = timeout_s
         self._rules: list[_Rule] = []
         self._records: list[Record] = []
         self._lock = threading.Lock()
         # Set on stop so handlers sleeping in a delay fault return at once.
         self._stopping = threading.Event()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self.base_url = ""
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def start(self) -> FaultProxy:
+    def start(self) -> Self:
         """Start listening on a free 127.0.0.1 port and serving in a daemon thread."""
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
-        server.daemon_threads = True
-        self._server = server
-        port = server.server_address[1]
-        self.base_url = f"http://127.0.0.1:{port}{self._prefix}"
-        self._thread = threading.Thread(
-            # A short poll interval keeps stop() quick; the default 0.5 s adds up across tests.
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="fault-proxy",
-            daemon=True,
-        )
-        self._thread.start()
+        super().start()
+        self.base_url = f"{self.origin}{self._prefix}"
         return self
 
     def stop(self) -> None:
         """Stop serving and close the listening socket (this proxy only)."""
         self._stopping.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+        super().stop()
 
     # -- script and record ---------------------------------------------------------------------
 
@@ -216,20 +188,6 @@ class FaultProxy:
             path = path[len(self._prefix) :]
         return path.lstrip("/")
 
-    def _forward(self, handler: BaseHTTPRequestHandler, body: bytes | None) -> tuple[int, list[tuple[str, str]], bytes]:
-        connection = http.client.HTTPConnection(self._upstream_host, self._upstream_port, timeout=self._timeout_s)
-        try:
-            headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP_HEADERS}
-            # The engine builds absolute links from Host; keeping the proxy's Host makes its
-            # next links point back through the proxy, as a real gateway would arrange.
-            connection.request(handler.command, handler.path, body=body, headers=headers)
-            response = connection.getresponse()
-            payload = response.read()
-            kept = [(k, v) for k, v in response.getheaders() if k.lower() not in _HOP_HEADERS]
-            return response.status, kept, payload
-        finally:
-            connection.close()
-
     def handle(self, handler: BaseHTTPRequestHandler) -> None:
         """Serve one request: apply the next matching fault, else forward it."""
         relative = self._relative(handler.path)
@@ -239,7 +197,7 @@ class FaultProxy:
         record = Record(handler.command, relative, fault.kind if fault else "forward")
         self._record(record)
         if fault is None or fault.kind == "forward":
-            status, headers, payload = self._forward(handler, body)
+            status, headers, payload = self.forward(handler, body)
             record.upstream_status = status
             send(handler, status, headers, payload)
         elif fault.kind == "close":
@@ -248,21 +206,16 @@ class FaultProxy:
         elif fault.kind == "delay":
             if self._stopping.wait(fault.delay_s):
                 return
-            status, headers, payload = self._forward(handler, body)
+            status, headers, payload = self.forward(handler, body)
             record.upstream_status = status
             send(handler, status, headers, payload)
         elif fault.kind == "corrupt":
-            status, headers, payload = self._forward(handler, body)
+            status, headers, payload = self.forward(handler, body)
             record.upstream_status = status
             send(handler, status, headers, _corrupt(payload))
         else:
             headers = [("Content-Type", "application/fhir+json"), *fault.headers]
             send(handler, fault.status, headers, fault.body)
-
-
-_HOP_HEADERS = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer", "upgrade", "proxy-connection"}
-)
 
 
 def _corrupt(payload: bytes) -> bytes:
@@ -273,7 +226,3 @@ def _corrupt(payload: bytes) -> bytes:
         target = data["entry"][0]["resource"]
     target["meta"] = "corrupted-by-fault-proxy"
     return json.dumps(data).encode()
-
-
-def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
-    return handler_class(proxy.handle)

@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import http.client
 import json
 import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any
+from http.server import BaseHTTPRequestHandler
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 from cryptography.exceptions import InvalidSignature
@@ -41,13 +39,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from tests.support.http_handlers import handler_class, send
+from tests.support.http_handlers import LoopbackServer, send
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_ASSERTION_LIFETIME_S = 300
-_HOP_HEADERS = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer", "upgrade", "proxy-connection"}
-)
 
 
 class OAuthError(Exception):
@@ -102,7 +97,7 @@ def _verify_signature(jwk: dict[str, Any], alg: str, signing_input: bytes, signa
     raise OAuthError("invalid_client", f"the registered key does not fit alg {alg}", 401)
 
 
-class TokenServer:
+class TokenServer(LoopbackServer):
     """A threaded SMART authorisation server and bearer-protected proxy on 127.0.0.1.
 
     Args:
@@ -112,6 +107,8 @@ class TokenServer:
         max_skew_s: how far past ``now + 300`` an assertion's ``exp`` may be (client clocks drift).
         timeout_s: how long to wait on the upstream for one forwarded request.
     """
+
+    thread_name = "token-server"
 
     def __init__(
         self,
@@ -125,12 +122,10 @@ class TokenServer:
         parts = urlsplit(upstream.rstrip("/"))
         if parts.scheme != "http" or not parts.hostname or parts.path:
             raise ValueError(f"TokenServer forwards to a plain http root only, not {upstream!r}")
-        self._upstream_host = parts.hostname
-        self._upstream_port = parts.port or 80
+        super().__init__(parts.hostname, parts.port or 80, timeout_s)
         self.expires_in = expires_in
         self._clock = clock
         self._max_skew_s = max_skew_s
-        self._timeout_s = timeout_s
         self._lock = threading.Lock()
         self._clients: dict[str, dict[str, Any]] = {}
         self._tokens: dict[str, float] = {}
@@ -149,44 +144,17 @@ class TokenServer:
         self.discoveries = 0
         self.rejections: list[OAuthError] = []
         self.gateway: list[GatewayRecord] = []
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self.base_url = ""
         self.token_url = ""
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def start(self) -> TokenServer:
+    def start(self) -> Self:
         """Start listening on a free 127.0.0.1 port and serving in a daemon thread."""
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
-        server.daemon_threads = True
-        self._server = server
-        port = server.server_address[1]
-        self.base_url = f"http://127.0.0.1:{port}"
+        super().start()
+        self.base_url = self.origin
         self.token_url = f"{self.base_url}/auth/token"
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="token-server", daemon=True
-        )
-        self._thread.start()
         return self
-
-    def stop(self) -> None:
-        """Stop serving and close the listening socket (this server only)."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> TokenServer:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # -- registration and state ------------------------------------------------------------------
 
@@ -299,23 +267,12 @@ class TokenServer:
             expires = self._tokens.get(token.strip())
         return expires is not None and self._clock() < expires
 
-    def forward(self, handler: BaseHTTPRequestHandler, body: bytes | None) -> tuple[int, list[tuple[str, str]], bytes]:
+    def forward_without_token(
+        self, handler: BaseHTTPRequestHandler, body: bytes | None
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
         """Forward a request to the FHIR engine without its credentials; return its answer."""
-        connection = http.client.HTTPConnection(self._upstream_host, self._upstream_port, timeout=self._timeout_s)
-        try:
-            # The engine trusts the gateway: the bearer token stops here, as at a real EHR edge.
-            headers = {
-                k: v
-                for k, v in handler.headers.items()
-                if k.lower() not in _HOP_HEADERS and k.lower() != "authorization"
-            }
-            connection.request(handler.command, handler.path, body=body, headers=headers)
-            response = connection.getresponse()
-            payload = response.read()
-            kept = [(k, v) for k, v in response.getheaders() if k.lower() not in _HOP_HEADERS]
-            return response.status, kept, payload
-        finally:
-            connection.close()
+        # The engine trusts the gateway: the bearer token stops here, as at a real EHR edge.
+        return self.forward(handler, body, drop=frozenset({"authorization"}))
 
     def handle(self, handler: BaseHTTPRequestHandler) -> None:
         """Serve one request: discovery, the token endpoint, or the protected gateway."""
@@ -348,7 +305,7 @@ class TokenServer:
             }
             _send_json(handler, 401, outcome, extra=[("WWW-Authenticate", 'Bearer error="invalid_token"')])
         else:
-            status, headers, payload = self.forward(handler, body or None)
+            status, headers, payload = self.forward_without_token(handler, body or None)
             with self._lock:
                 self.gateway.append(GatewayRecord(handler.command, handler.path, status))
             send(handler, status, headers, payload)
@@ -360,7 +317,3 @@ def _send_json(
     # Token answers must not be cached (RFC 6749 section 5.1).
     headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store"), *(extra or [])]
     send(handler, status, headers, json.dumps(data).encode())
-
-
-def _make_handler(server: TokenServer) -> type[BaseHTTPRequestHandler]:
-    return handler_class(server.handle)
