@@ -13,7 +13,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypedDict
 
 import typer
 
@@ -155,7 +155,7 @@ def _ask(
     question: str,
     as_of: datetime | None,
     as_json: bool,
-    who: dict[str, str | None] | None = None,
+    who: Who | None = None,
 ) -> None:
     from transformers.utils import logging as hf_logging
 
@@ -164,17 +164,8 @@ def _ask(
     hf_logging.disable_progress_bar()  # weight-loading bars would bury the answer
     runtime = AgentRuntime(settings=settings)
     try:
-        who = who or _default_who()
         result = asyncio.run(
-            run_ask(
-                runtime,
-                patient_id=patient_id,
-                question=question,
-                as_of=as_of,
-                user_id=who.get("user_id"),
-                user_role=who.get("user_role"),
-                purpose_of_use=who.get("purpose_of_use"),
-            )
+            run_ask(runtime, patient_id=patient_id, question=question, as_of=as_of, **(who or _default_who()))
         )
     except MedagentError as exc:
         _fail(exc, as_json=as_json)
@@ -186,28 +177,21 @@ def _ask(
         _print_result(result, banner=_test_model_banner(result, loaded.banner))
 
 
-def _default_who() -> dict[str, str | None]:
+class Who(TypedDict):
+    """Who is asking, as recorded with the run."""
+
+    user_id: str | None
+    user_role: str | None
+    purpose_of_use: str | None
+
+
+def _default_who() -> Who:
     """Return who is asking from the command line: the OS user, as a clinician, for treatment."""
     try:
         user = getpass.getuser()
     except Exception:
         user = None
     return {"user_id": user, "user_role": "clinician", "purpose_of_use": "TREAT"}
-
-
-def _who_kwargs() -> dict[str, Any]:
-    who = _default_who()
-    return {"user_id": who["user_id"], "user_role": who["user_role"], "purpose_of_use": who["purpose_of_use"]}
-
-
-def _parse_as_of(value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise ConfigError(f"--as-of must be an ISO date or date-time, got {value!r}") from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 @app.command()
@@ -238,13 +222,11 @@ def ask(
             db=db,
             test_models=test_models,
         )
-        when = _parse_as_of(as_of)
+        when = _parse_date(as_of, "--as-of")
     except MedagentError as exc:
         _fail(exc, as_json=as_json)
         return
-    who = {**_default_who(), "user_role": role, "purpose_of_use": purpose}
-    if user:
-        who["user_id"] = user
+    who = Who(user_id=user or _default_who()["user_id"], user_role=role, purpose_of_use=purpose)
     _ask(settings, patient, question, when, as_json, who)
 
 
@@ -446,7 +428,7 @@ def audit_replay(
             )
             rerun_runtime = AgentRuntime(settings=settings)
             result = asyncio.run(
-                run_ask(rerun_runtime, patient_id=patient_id, question=question, trigger="replay", **_who_kwargs())
+                run_ask(rerun_runtime, patient_id=patient_id, question=question, trigger="replay", **_default_who())
             )
             again = replay(load_run(rerun_runtime.engine, result.run_id, cipher=rerun_runtime.cipher))
             differences = diff_runs(original, again)
