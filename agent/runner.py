@@ -78,8 +78,11 @@ async def run_ask(
             settings=settings,
             label_sets=LABEL_SETS_BY_MODALITY,
             as_of=as_of,
+            capabilities_cache=runtime.fhir_capabilities,
         )
-        state = await build_ask_graph().ainvoke({"patient_id": patient_id, "question": question}, context=context)
+        if runtime.graph is None:
+            runtime.graph = build_ask_graph()
+        state = await runtime.graph.ainvoke({"patient_id": patient_id, "question": question}, context=context)
         recorder.current_node = None
         recorder.finish_run("ok")
         return AskResult(

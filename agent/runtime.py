@@ -60,6 +60,10 @@ class AgentRuntime:
     _schema_checked: bool = False
     _signer: CheckpointSigner | None = None
     _cipher: ContentCipher | None = None
+    #: the compiled ask graph (stateless: compiled once per process, not per run)
+    graph: Any = None
+    #: FHIR server capabilities by source, discovered once per process (``/metadata`` rarely changes)
+    fhir_capabilities: dict[str, Any] = field(default_factory=dict)
 
     @property
     def signer(self) -> CheckpointSigner:

@@ -51,6 +51,8 @@ class RunContext:
     settings: Settings
     label_sets: dict[str, LabelSet] = field(default_factory=dict)
     as_of: datetime | None = None
+    #: server capabilities by FHIR source, shared across the runs of one process
+    capabilities_cache: dict[str, Any] = field(default_factory=dict)
     history_types: tuple[str, ...] = field(
         default=(
             "Condition",
