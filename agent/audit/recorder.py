@@ -333,14 +333,14 @@ class TraceRecorder:
         produced: dict[str, Any] = {}
         try:
             yield produced
-        except MedagentError as exc:
-            elapsed = (time.perf_counter() - started) * 1000
-            meta = {"error": exc.metadata_dict(), "records": [first, self._seq]}
-            self.event(NODE_FINISHED, name, status="failed", duration_ms=elapsed, meta=meta)
-            raise
         except Exception as exc:
             elapsed = (time.perf_counter() - started) * 1000
-            meta = {"error": {"code": "internal_error", "message": type(exc).__name__}, "records": [first, self._seq]}
+            error = (
+                exc.metadata_dict()
+                if isinstance(exc, MedagentError)
+                else {"code": "internal_error", "message": type(exc).__name__}  # no message: it may hold PHI
+            )
+            meta = {"error": error, "records": [first, self._seq]}
             self.event(NODE_FINISHED, name, status="failed", duration_ms=elapsed, meta=meta)
             raise
         elapsed = (time.perf_counter() - started) * 1000
@@ -350,22 +350,17 @@ class TraceRecorder:
     # -- AccessObserver ------------------------------------------------------------------------
     def fhir_request(self, event: FhirRequestEvent) -> None:
         """Record one FHIR interaction (metadata only: resource ids, never resource content)."""
-        status = "ok" if event.error is None else "failed"
-        self.event(
-            FHIR_REQUEST,
-            f"{event.method} {event.path}",
-            status=status,
-            duration_ms=event.duration_ms,
-            meta=event.model_dump(exclude={"duration_ms"}),
-        )
+        self._access(FHIR_REQUEST, f"{event.method} {event.path}", event)
 
     def dicom_retrieval(self, event: DicomRetrievalEvent) -> None:
         """Record one DICOM search or retrieval (UIDs, transfer syntax, bytes)."""
-        status = "ok" if event.error is None else "failed"
+        self._access(DICOM_RETRIEVAL, f"{event.action} {event.study_uid or ''}", event)
+
+    def _access(self, kind: str, name: str, event: FhirRequestEvent | DicomRetrievalEvent) -> None:
         self.event(
-            DICOM_RETRIEVAL,
-            f"{event.action} {event.study_uid or ''}",
-            status=status,
+            kind,
+            name,
+            status="ok" if event.error is None else "failed",
             duration_ms=event.duration_ms,
             meta=event.model_dump(exclude={"duration_ms"}),
         )
