@@ -40,22 +40,11 @@ from typing import Any
 from agent.bench.fhir_questions import QUESTIONS, resolve_fact
 from agent.config import DEFAULT_FIXTURES, PROJECT_ROOT, Settings, get_settings
 from agent.domain.events import ListObserver
-from agent.graph.state import RunContext
+from agent.graph.state import HISTORY_TYPES
 from agent.history.context import CHARS_PER_TOKEN, build_context
 from agent.sources.capabilities import discover
 from agent.sources.fhir_http import HttpFhirSource
 from agent.sources.history_fetch import fetch_history
-
-
-def _graph_history_types() -> tuple[str, ...]:
-    """Return the types the agent's graph fetches (its RunContext default), so the bench times the real plan."""
-    default = RunContext.__dataclass_fields__["history_types"].default
-    if not isinstance(default, tuple):
-        raise RuntimeError("RunContext.history_types has no tuple default")
-    return tuple(str(t) for t in default)
-
-
-HISTORY_TYPES = _graph_history_types()
 
 #: The sequential baseline's searches, in order, after the Patient read: one per record type as
 #: Google's EHR Navigator agent issues them (Observation split into vitals and labs).

@@ -19,6 +19,18 @@ from agent.inference.labels import LabelSet
 from agent.inference.protocols import ImageScorer, Reasoner
 from agent.sources.protocols import DicomSource, FhirSource
 
+#: The resource types a patient's history is fetched from.
+HISTORY_TYPES: tuple[str, ...] = (
+    "Condition",
+    "Observation",
+    "MedicationRequest",
+    "AllergyIntolerance",
+    "Encounter",
+    "DiagnosticReport",
+    "DocumentReference",
+    "ImagingStudy",
+)
+
 
 class AskState(TypedDict, total=False):
     """What flows between nodes of the ask graph."""
@@ -53,15 +65,4 @@ class RunContext:
     as_of: datetime | None = None
     #: server capabilities by FHIR source, shared across the runs of one process
     capabilities_cache: dict[str, Any] = field(default_factory=dict)
-    history_types: tuple[str, ...] = field(
-        default=(
-            "Condition",
-            "Observation",
-            "MedicationRequest",
-            "AllergyIntolerance",
-            "Encounter",
-            "DiagnosticReport",
-            "DocumentReference",
-            "ImagingStudy",
-        )
-    )
+    history_types: tuple[str, ...] = field(default=HISTORY_TYPES)

@@ -15,22 +15,13 @@ import pytest
 
 from agent.audit.reader import load_run
 from agent.config import DEFAULT_FIXTURES
+from agent.graph.state import HISTORY_TYPES
 from tests.e2e.cli import json_out, run_cli
 from tests.support.databases import EngineFactory
 from tests.support.servers import FhirServerHandle, OrthancHandle
 
 MANIFEST = json.loads((DEFAULT_FIXTURES / "manifest.json").read_text())
 CXR = next(p for p in MANIFEST["patients"] if p["key"] == "cxr")
-HISTORY_TYPES = [
-    "Condition",
-    "Observation",
-    "MedicationRequest",
-    "AllergyIntolerance",
-    "Encounter",
-    "DiagnosticReport",
-    "DocumentReference",
-    "ImagingStudy",
-]
 
 
 def _env(orthanc: OrthancHandle, test_models_dir: Path) -> dict[str, str]:

@@ -19,6 +19,7 @@ import pytest
 
 from agent.domain.events import ListObserver
 from agent.errors import SourceUnavailableError
+from agent.graph.state import HISTORY_TYPES
 from agent.history.fhir_values import attachment_text, fetch_attachment_text, html_to_text
 from agent.sources.capabilities import ServerCapabilities, discover, parse_capability_statement
 from agent.sources.fhir_bundle_dir import BundleDirFhirSource
@@ -30,16 +31,6 @@ from tests.support.servers import REPO_ROOT, FhirServerHandle
 
 T = TypeVar("T")
 
-HISTORY_TYPES = (
-    "Condition",
-    "Observation",
-    "MedicationRequest",
-    "AllergyIntolerance",
-    "Encounter",
-    "DiagnosticReport",
-    "DocumentReference",
-    "ImagingStudy",
-)
 FIXTURES_FHIR = REPO_ROOT / "fixtures" / "fhir"
 CXR_PATIENT = next(
     p["patient_id"]
