@@ -78,7 +78,7 @@ async def resolve_patient(state: AskState, runtime: Runtime[RunContext]) -> dict
 
 @traced("fetch_history")
 async def fetch_history(state: AskState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-    """Search every history type for the patient in parallel and build the cited context."""
+    """Fetch the patient's history (as the server's capabilities allow) and build the cited context."""
     ctx = runtime.context
     patient = state["patient"]
     source = ctx.settings.fhir.base_url or str(ctx.settings.fhir.effective_bundle_dir())
@@ -204,8 +204,9 @@ async def fetch_images(state: AskState, runtime: Runtime[RunContext]) -> dict[st
     images: list[PreparedImage] = []
     errors: list[dict[str, Any]] = []
     first_error: DicomDecodeError | None = None
-    for ref in chosen:
-        dataset = await ctx.dicom.retrieve(ref)
+    # The chosen instances are fetched at once (network-bound), then prepared one by one (CPU-bound).
+    datasets = await asyncio.gather(*(ctx.dicom.retrieve(ref) for ref in chosen))
+    for ref, dataset in zip(chosen, datasets, strict=True):
         try:
             images.append(await asyncio.to_thread(prepare_instance, dataset, ref))
         except DicomDecodeError as exc:
