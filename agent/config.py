@@ -103,6 +103,28 @@ class ModelSettings(BaseModel):
     )
 
 
+class ImagingSettings(BaseModel):
+    """What MedSigLIP adds beyond zero-shot labels: a trained classifier and similar-case search."""
+
+    classifier_path: Path | None = Field(
+        None, description="A probe saved by `medagent classify fit`; its predictions join the zero-shot findings."
+    )
+    index_backend: Literal["file", "pgvector"] = Field(
+        "file", description="Similar-case index: an embedded index folder, or PostgreSQL with pgvector."
+    )
+    index_path: Path = Field(DEFAULT_DATA_DIR / "image-index", description="Folder of the embedded index.")
+    index_url: SecretStr | None = Field(
+        None, description="SQLAlchemy URL of a PostgreSQL database with the vector extension (pgvector backend)."
+    )
+    index_table: str = Field("medagent_image_index", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    similar_cases: int = Field(3, ge=0, le=20, description="Similar prior cases put before MedGemma (0: none).")
+
+    @field_validator("classifier_path", "index_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+
 class DbSettings(BaseModel):
     """The trace database."""
 
@@ -172,6 +194,7 @@ class Settings(BaseSettings):
     fhir: FhirSettings = Field(default_factory=FhirSettings)
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
+    imaging: ImagingSettings = Field(default_factory=ImagingSettings)
     db: DbSettings = Field(default_factory=DbSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
@@ -196,6 +219,8 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json")
         url = self.db.url.get_secret_value()
         data["db"]["url"] = _mask_url_password(url)
+        if self.imaging.index_url is not None:
+            data["imaging"]["index_url"] = _mask_url_password(self.imaging.index_url.get_secret_value())
         return data
 
 
