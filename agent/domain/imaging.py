@@ -33,8 +33,10 @@ class LabelScore(BaseModel):
 
 
 class Finding(BaseModel):
-    """The zero-shot scores of one image."""
+    """The scores of one image from one finding source (zero-shot labels or a trained classifier)."""
 
     image: InstanceRef
     model_id: str
     scores: list[LabelScore]
+    source: str = "zero-shot"
+    label_set: str | None = None

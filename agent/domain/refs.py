@@ -51,3 +51,17 @@ class InstanceRef(BaseModel):
     modality: str | None = None
     view_position: str | None = None
     instance_number: int | None = None
+    series_description: str | None = None
+
+
+class StudyRef(BaseModel):
+    """One DICOM study as a QIDO-RS study search (or a folder scan) describes it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    study_uid: str
+    patient_id: str | None = None
+    modalities: tuple[str, ...] = ()
+    study_date: str | None = None
+    description: str | None = None
+    number_of_instances: int | None = None

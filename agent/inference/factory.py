@@ -8,6 +8,7 @@ models and say so in a banner the caller shows the user.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,30 @@ def load_models(settings: ModelSettings) -> LoadedModels:
         paths["medgemma"], model_id=settings.medgemma, device=device, dtype=dtype, test_model=False
     )
     return LoadedModels(scorer=scorer, reasoner=reasoner, used_test_models=False)
+
+
+def load_image_model(settings: ModelSettings) -> MedSigLIP:
+    """Load MedSigLIP alone, for tools that only embed images (classifier, similar-case index).
+
+    Follows the same rules as :func:`load_models`: the tiny model with ``use_test_models``, or
+    when real weights are missing and ``fallback_to_test_models`` is set (with a warning on
+    stderr); otherwise the real weights or a :class:`ModelUnavailableError` saying how to get them.
+    """
+    device = select_device(settings.device)
+    dtype = select_dtype(settings.dtype, device)
+    if not settings.use_test_models:
+        try:
+            path = resolve_model_path(settings.medsiglip, env_var="MEDAGENT_MODELS__MEDSIGLIP")
+        except ModelUnavailableError:
+            if not settings.fallback_to_test_models:
+                raise
+            print(_fallback_banner([settings.medsiglip], [settings.medsiglip]), file=sys.stderr)
+        else:
+            return MedSigLIP.load(path, model_id=settings.medsiglip, device=device, dtype=dtype, test_model=False)
+    medsiglip_dir, _ = ensure_test_models(settings.test_models_dir)
+    return MedSigLIP.load(
+        medsiglip_dir, model_id=f"{TINY_MEDSIGLIP_ID} at {medsiglip_dir}", device=device, dtype=dtype, test_model=True
+    )
 
 
 def _load_test_models(base_dir: Path, *, device: str, dtype: torch.dtype, banner: str | None) -> LoadedModels:

@@ -6,12 +6,16 @@ random-weight models of the same classes through the same code.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.domain.imaging import LabelScore
+
+if TYPE_CHECKING:  # torch is heavy; the service imports this module without loading models
+    import torch
 
 
 class ModelIdentity(BaseModel):
@@ -48,9 +52,17 @@ class GenerationResult(BaseModel):
 
 
 class ImageScorer(Protocol):
-    """MedSigLIP: zero-shot scores of labels on images."""
+    """MedSigLIP: embeddings of images and texts in one space, and zero-shot scores of labels on images."""
 
     identity: ModelIdentity
+
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Return one L2-normalised embedding per image, shape ``(len(images), dim)``."""
+        ...
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Return one L2-normalised embedding per text, shape ``(len(texts), dim)``."""
+        ...
 
     def zero_shot(self, images: list[Image.Image], labels: list[str]) -> list[list[LabelScore]]:
         """Score every label on every image: sigmoid(exp(logit_scale) * cos + logit_bias).

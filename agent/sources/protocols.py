@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 
-from agent.domain.refs import InstanceRef
+from agent.domain.refs import InstanceRef, StudyRef
 
 
 class FhirSource(Protocol):
@@ -56,7 +56,22 @@ class FhirSource(Protocol):
 
 
 class DicomSource(Protocol):
-    """Find and fetch the DICOM instances of a study."""
+    """Find studies, and find and fetch the DICOM instances of a study."""
+
+    async def search_studies(
+        self,
+        *,
+        patient_id: str | None = None,
+        study_uid: str | None = None,
+        modality: str | None = None,
+        limit: int | None = None,
+    ) -> list[StudyRef]:
+        """Return the studies matching every given filter (all studies when none is given).
+
+        Raises:
+            SourceUnavailableError: server unreachable or error.
+        """
+        ...
 
     async def list_instances(self, study_uid: str) -> list[InstanceRef]:
         """Return the instances of a study (with modality and view position when known).
