@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypedDict
 
 import typer
 
+from agent.cli_classify import classify_app
 from agent.cli_patient import patient_app
 from agent.config import DEFAULT_FIXTURES, Settings, get_settings
 from agent.domain.answer import AskResult
@@ -35,6 +36,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 app.add_typer(patient_app, name="patient")
+app.add_typer(classify_app, name="classify")
 
 DEMO_QUESTION = (
     "What are this patient's active problems and current medications, how have the heart-failure "
@@ -124,14 +126,24 @@ def _print_result(result: AskResult, *, banner: str | None) -> None:
         typer.echo(f"  {mark} [{citation.reference}]{note}")
     if result.findings:
         typer.echo("")
-        typer.echo("Image findings (MedSigLIP zero-shot, 0..1):")
+        typer.echo("Image findings (MedSigLIP, 0..1; pair probability where the label has a negative prompt):")
         for finding in result.findings:
             image: Any = finding["image"]
             scores: Any = finding["scores"]
-            top = ", ".join(f"{s['label']} {s['score']:.2f}" for s in sorted(scores, key=lambda s: -s["score"])[:3])
+
+            def shown(score: Any) -> float:
+                return float(score["pair_probability"] if score.get("pair_probability") is not None else score["score"])
+
+            top = ", ".join(f"{s['label']} {shown(s):.2f}" for s in sorted(scores, key=lambda s: -shown(s))[:3])
             typer.echo(
-                f"  {image.get('modality')} {image.get('view_position') or ''} {image['sop_instance_uid']}: {top}"
+                f"  {image.get('modality')} {image.get('view_position') or ''} {image['sop_instance_uid']} "
+                f"[{finding.get('source')} {finding.get('label_set') or ''}]: {top}"
             )
+    if result.similar_cases:
+        typer.echo("")
+        typer.echo("Similar prior cases (other patients, by image embedding):")
+        for case in result.similar_cases:
+            typer.echo(f"  [{case['citation']}] {case.get('modality') or '?'} similarity {case['score']:.2f}")
     for warning in result.warnings:
         typer.echo(f"warning: {warning}", err=True)
     typer.echo("")
@@ -584,6 +596,22 @@ def bench_fhir(
     from agent.bench.fhir import run_benchmark
 
     run_benchmark(observations=observations, repeats=repeats, echo=typer.echo)  # its last line is the JSON
+
+
+@bench_app.command("imaging")
+def bench_imaging(
+    images: Annotated[int, typer.Option(help="DICOM images per side of the MedSigLIP path comparison.")] = 4,
+    repeats: Annotated[int, typer.Option(help="Interleaved repeats for the medians.")] = 3,
+    vectors: Annotated[int, typer.Option(help="Vectors in the embedded index (0: skip).")] = 1_000_000,
+    pg_vectors: Annotated[int, typer.Option(help="Vectors in the pgvector table (0: skip).")] = 100_000,
+    queries: Annotated[int, typer.Option(help="Top-10 queries timed per index.")] = 200,
+) -> None:
+    """MedSigLIP image path vs bare forward, decoders per transfer syntax, similar-case search latency and recall."""
+    from agent.bench.imaging import run_benchmark
+
+    run_benchmark(
+        images=images, repeats=repeats, vectors=vectors, pg_vectors=pg_vectors, queries=queries, echo=typer.echo
+    )  # its last line is the JSON
 
 
 def main() -> None:

@@ -73,6 +73,14 @@ class DicomSettings(BaseModel):
     password: SecretStr | None = None
     bearer_token: SecretStr | None = None
     max_instances: int = Field(4, description="Images of one study sent on to the models.")
+    endpoint_allowed_origins: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Other DICOMweb origins (scheme://host:port) an ImagingStudy's Endpoint may send the agent to. "
+            "The configured server's origin is always allowed; any other Endpoint is ignored, so a record "
+            "cannot make the agent contact a host of its choosing."
+        ),
+    )
 
     def effective_dicom_dir(self) -> Path:
         """Return the DICOM folder to use when no DICOMweb URL is configured."""

@@ -69,6 +69,8 @@ async def run_ask(
     dicom = make_dicom_source(settings.dicom, recorder)
     try:
         loaded = _load_models(runtime, recorder)
+        with recorder.node("load_imaging_extras"):
+            extras = runtime.imaging_extras(settings)
         context = RunContext(
             fhir=fhir,
             dicom=dicom,
@@ -79,6 +81,9 @@ async def run_ask(
             label_sets=LABEL_SETS_BY_MODALITY,
             as_of=as_of,
             capabilities_cache=runtime.fhir_capabilities,
+            classifier=extras.classifier,
+            image_index=extras.index,
+            image_index_problem=extras.index_problem,
         )
         if runtime.graph is None:
             runtime.graph = build_ask_graph()
@@ -92,6 +97,7 @@ async def run_ask(
             sources=state.get("sources", []),
             citations=state.get("citations", []),
             findings=[f.model_dump(mode="json") for f in state.get("findings", [])],
+            similar_cases=[c.model_dump(mode="json") for c in state.get("similar_cases", [])],
             models={"reasoner": loaded.reasoner.identity.model_id, "scorer": loaded.scorer.identity.model_id},
             test_models=loaded.used_test_models,
             warnings=[f"image skipped: {e['message']}" for e in state.get("image_errors", [])],

@@ -18,6 +18,7 @@ from agent.audit.keys import CheckpointSigner, ContentCipher, signer_from_settin
 from agent.audit.recorder import TraceRecorder
 from agent.audit.recovery import mark_interrupted_runs
 from agent.config import Settings
+from agent.errors import MedagentError
 
 if TYPE_CHECKING:
     from agent.inference.factory import LoadedModels
@@ -51,6 +52,33 @@ class ModelCache:
 
 
 @dataclass
+class ImagingExtras:
+    """The optional finding sources beyond zero-shot labels."""
+
+    classifier: Any | None = None
+    index: Any | None = None
+    index_problem: str | None = None
+
+
+def load_imaging_extras(settings: Settings) -> ImagingExtras:
+    """Load the configured linear probe and open the similar-case index (when similar cases are wanted)."""
+    extras = ImagingExtras()
+    imaging = settings.imaging
+    if imaging.classifier_path is not None:
+        from agent.inference.classifier import LinearProbe
+
+        extras.classifier = LinearProbe.load(imaging.classifier_path)
+    if imaging.similar_cases > 0:
+        from agent.retrieval.factory import open_index
+
+        try:
+            extras.index = open_index(imaging, create=False)
+        except MedagentError as exc:
+            extras.index_problem = f"{exc.code}: {exc}"
+    return extras
+
+
+@dataclass
 class AgentRuntime:
     """What a process keeps between runs: the trace engine, trace keys and loaded models."""
 
@@ -64,6 +92,22 @@ class AgentRuntime:
     graph: Any = None
     #: FHIR server capabilities by source, discovered once per process (``/metadata`` rarely changes)
     fhir_capabilities: dict[str, Any] = field(default_factory=dict)
+    #: the imaging extras (classifier, similar-case index) by the imaging settings they came from
+    _imaging: dict[str, ImagingExtras] = field(default_factory=dict)
+
+    def imaging_extras(self, settings: Settings) -> ImagingExtras:
+        """Return the configured classifier and similar-case index, loaded once per process.
+
+        A configured classifier that cannot be loaded raises (the user asked for it); a missing
+        or unreadable index only leaves a reason, since similar cases are optional context.
+
+        Raises:
+            ConfigError: the classifier file is missing or invalid.
+        """
+        key = settings.imaging.model_dump_json()
+        if key not in self._imaging:
+            self._imaging[key] = load_imaging_extras(settings)
+        return self._imaging[key]
 
     @property
     def signer(self) -> CheckpointSigner:

@@ -48,7 +48,12 @@ STATUS_ERROR = 2
 # vectors: calling it "embeddings" would make backends treat its output as embeddings, so the
 # semconv's allowance for a custom value is used ("If one of them applies, then the respective
 # value MUST be used; otherwise, a custom value MAY be used").
-_OPERATIONS = {"medgemma.generate": "chat", "medsiglip.zero_shot": "zero_shot_classification"}
+_OPERATIONS = {
+    "medgemma.generate": "chat",
+    "medsiglip.zero_shot": "zero_shot_classification",
+    "medsiglip.embed_images": "embeddings",
+    "classifier.predict": "classification",
+}
 
 # Backends that run the model inside this process; the semconv suggests span kind INTERNAL for
 # those and CLIENT for a model behind a network call.

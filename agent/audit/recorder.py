@@ -36,6 +36,8 @@ NODE_STARTED = "node_started"
 NODE_FINISHED = "node_finished"
 FHIR_REQUEST = "fhir_request"
 DICOM_RETRIEVAL = "dicom_retrieval"
+#: a search of the similar-case index: it discloses other patients' study identifiers
+INDEX_SEARCH = "index_search"
 MODEL_CALL = "model_call"
 MODEL_LOAD = "model_load"
 NOTE = "note"

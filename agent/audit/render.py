@@ -80,6 +80,15 @@ def _render_event(event: TraceEvent) -> list[str]:
         if meta.get("error"):
             out.append(f"{'':>20}error: {meta['error']}")
         return out
+    if event.kind == kinds.INDEX_SEARCH:
+        results = meta.get("results") or []
+        index = meta.get("index") or {}
+        out = [
+            f"{head}INDEX       {event.name} ({index.get('backend')}, {index.get('count')} images) "
+            f"k={meta.get('k')} queries={meta.get('queries')}  {_ms(event)}"
+        ]
+        out += [f"{'':>20}{r.get('citation')} score={r.get('score'):.3f} study={r.get('study_uid')}" for r in results]
+        return out
     if event.kind in (kinds.MODEL_CALL, kinds.MODEL_LOAD):
         label = "MODEL CALL " if event.kind == kinds.MODEL_CALL else "MODEL LOAD "
         out = [

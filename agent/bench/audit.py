@@ -36,6 +36,7 @@ from agent.audit.verify import verify_trace
 from agent.config import DEFAULT_FIXTURES, get_settings
 from agent.domain.imaging import LabelScore
 from agent.inference.factory import LoadedModels
+from agent.inference.labels import LabelSet
 from agent.inference.protocols import GenerationRequest, GenerationResult, ModelIdentity
 from agent.runner import AgentRuntime, ModelCache, run_ask
 
@@ -53,6 +54,9 @@ class _FastScorer:
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         return torch.nn.functional.normalize(torch.ones(len(texts), 8), dim=-1)
+
+    def score_embeddings(self, image_embeddings: torch.Tensor, label_set: LabelSet) -> list[list[LabelScore]]:
+        return [[LabelScore(label=name, score=0.5) for name in label_set.names] for _ in range(len(image_embeddings))]
 
 
 class _FastReasoner:

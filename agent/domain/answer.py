@@ -20,7 +20,12 @@ class AskResult(BaseModel):
     answer: str = Field("", description="The answer shown to the user, dangling citations removed.")
     sources: list[str] = Field(default_factory=list, description="'Type/id' of each resource in the context")
     citations: list[Citation] = Field(default_factory=list)
-    findings: list[dict[str, object]] = Field(default_factory=list)
+    findings: list[dict[str, object]] = Field(
+        default_factory=list, description="Per image and source (zero-shot label set or classifier): label scores"
+    )
+    similar_cases: list[dict[str, object]] = Field(
+        default_factory=list, description="Other patients' studies most similar to this study's images"
+    )
     models: dict[str, str] = Field(default_factory=dict, description="Role -> model id actually used")
     test_models: bool = Field(False, description="True when tiny random-weight models were used.")
     warnings: list[str] = Field(default_factory=list, description="Non-fatal problems, e.g. a skipped image.")

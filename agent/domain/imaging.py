@@ -26,10 +26,21 @@ class PreparedImage:
 
 
 class LabelScore(BaseModel):
-    """A zero-shot score for one label on one image."""
+    """A score for one label on one image, from zero-shot prompts or a trained classifier.
+
+    ``score`` is always the one to show: for zero-shot labels the sigmoid of the positive
+    prompt's logit, for a classifier the class probability. The two optional fields exist only
+    for zero-shot labels scored with a positive/negative prompt pair: SigLIP's sigmoid scores are
+    poorly calibrated across prompts, and comparing a finding's prompt with its own negation is
+    the more robust yes/no reading, so both are kept for the trace.
+    """
 
     label: str
     score: float
+    #: sigmoid of the negative prompt's logit ("... with no <finding>").
+    negative_score: float | None = None
+    #: softmax over the (positive, negative) logits, for the positive prompt.
+    pair_probability: float | None = None
 
 
 class Finding(BaseModel):

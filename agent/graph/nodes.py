@@ -16,9 +16,17 @@ from typing import Any, Literal
 from langgraph.runtime import Runtime
 
 from agent.audit.recorder import MODEL_CALL, NOTE
-from agent.domain.imaging import Finding, LabelScore, PreparedImage
+from agent.domain.imaging import PreparedImage
+from agent.domain.refs import InstanceRef
 from agent.errors import DicomDecodeError, MedagentError, SourceUnavailableError
 from agent.graph.citations import check_citations
+from agent.graph.image_analysis import (
+    ImageAnalysis,
+    classifier_findings,
+    embed_once,
+    similar_cases,
+    zero_shot_findings,
+)
 from agent.graph.prompts import SYSTEM_PROMPT, build_user_prompt
 from agent.graph.state import AskState, RunContext
 from agent.history.context import build_context
@@ -31,6 +39,11 @@ from agent.sources.imaging_selection import choose_instances
 from agent.sources.patient_resolution import PatientQuery
 from agent.sources.patient_resolution import resolve_patient as find_the_patient
 from agent.sources.pixels import prepare_instance
+from agent.sources.study_location import open_dicom_source_for_study
+from agent.sources.volumes import prepare_volume
+
+#: Modalities whose chosen instances are slices of one volume, prepared together.
+VOLUME_MODALITIES = frozenset({"CT", "MR"})
 
 NodeFn = Callable[[AskState, Runtime[RunContext]], Awaitable[dict[str, Any]]]
 
@@ -198,23 +211,25 @@ async def fetch_images(state: AskState, runtime: Runtime[RunContext]) -> dict[st
     study = state["imaging_study"]
     assert study is not None
     uid = study_instance_uid(study)
-    refs = await ctx.dicom.list_instances(uid)
-    modality = refs[0].modality if refs else None
-    chosen = choose_instances(refs, modality, ctx.settings.dicom.max_instances)
-    images: list[PreparedImage] = []
-    errors: list[dict[str, Any]] = []
-    first_error: DicomDecodeError | None = None
-    # The chosen instances are fetched at once (network-bound), then prepared one by one (CPU-bound).
-    datasets = await asyncio.gather(*(ctx.dicom.retrieve(ref) for ref in chosen))
-    for ref, dataset in zip(chosen, datasets, strict=True):
-        try:
-            images.append(await asyncio.to_thread(prepare_instance, dataset, ref))
-        except DicomDecodeError as exc:
-            first_error = first_error or exc
-            errors.append({"sop_instance_uid": ref.sop_instance_uid, **exc.to_dict()})
-            ctx.recorder.event(NOTE, "instance_skipped", status="failed", meta=errors[-1])
-    if chosen and not images and first_error is not None:
-        raise first_error
+    # The study's own DICOMweb Endpoint (on an allowed origin) wins over the configured source.
+    async with open_dicom_source_for_study(study, ctx.dicom, ctx.settings.dicom, ctx.recorder, fhir=ctx.fhir) as dicom:
+        if dicom is not ctx.dicom:
+            ctx.recorder.event(NOTE, "imaging_source", meta={"endpoint": getattr(dicom, "base_url", None)})
+        refs = await dicom.list_instances(uid)
+        modality = refs[0].modality if refs else None
+        chosen = choose_instances(refs, modality, ctx.settings.dicom.max_instances)
+        # The chosen instances are fetched at once (network-bound), then prepared (CPU-bound).
+        datasets = await asyncio.gather(*(dicom.retrieve(ref) for ref in chosen))
+    items = list(zip(datasets, chosen, strict=True))
+    if (modality or "").upper() in VOLUME_MODALITIES and len(chosen) > 1:
+        images, errors = await asyncio.to_thread(_prepare_volume, ctx, items, modality)
+    else:
+        images, errors = await asyncio.to_thread(_prepare_each, items)
+    for error in errors:
+        ctx.recorder.event(NOTE, "instance_skipped", status="failed", meta=error)
+    if chosen and not images and errors:
+        # None could be decoded: the run fails with the first decoder error (it names the transfer syntax).
+        raise DicomDecodeError(errors[0]["message"], details=errors[0]["details"])
     for image in images:
         ctx.recorder.event(
             NOTE,
@@ -228,6 +243,31 @@ async def fetch_images(state: AskState, runtime: Runtime[RunContext]) -> dict[st
     return {"images": images, "image_errors": errors}
 
 
+def _prepare_each(items: list[tuple[Any, InstanceRef]]) -> tuple[list[PreparedImage], list[dict[str, Any]]]:
+    """Prepare instances one by one; an undecodable one is reported and skipped, the others go on."""
+    images: list[PreparedImage] = []
+    errors: list[dict[str, Any]] = []
+    for dataset, ref in items:
+        try:
+            images.append(prepare_instance(dataset, ref))
+        except DicomDecodeError as exc:
+            errors.append({"sop_instance_uid": ref.sop_instance_uid, **exc.to_dict()})
+    return images, errors
+
+
+def _prepare_volume(
+    ctx: RunContext, items: list[tuple[Any, InstanceRef]], modality: str | None
+) -> tuple[list[PreparedImage], list[dict[str, Any]]]:
+    """Prepare CT/MR slices as one volume: ordered by position, HU windows (CT) or volume min-max (MR)."""
+    volume = prepare_volume(items, modality=modality, max_slices=ctx.settings.dicom.max_instances)
+    ctx.recorder.event(
+        NOTE,
+        "volume_preparation",
+        meta={"modality": modality, "slices": len(volume.images), "steps": volume.steps, "defaults": volume.defaults},
+    )
+    return volume.images, volume.skipped
+
+
 def route_after_images(state: AskState) -> Literal["image_findings", "reason"]:
     """Score images when there are any."""
     return "image_findings" if state.get("images") else "reason"
@@ -239,47 +279,34 @@ def _model_meta(identity: ModelIdentity, **extra: Any) -> dict[str, Any]:
 
 @traced("image_findings")
 async def image_findings(state: AskState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-    """Score the label set on every image with MedSigLIP (one batched call)."""
+    """Embed the images once; derive zero-shot labels, classifier scores and similar prior cases."""
     ctx = runtime.context
     images = state["images"]
-    modality = images[0].ref.modality or ""
-    label_set = ctx.label_sets.get(modality.upper())
+    modality = (images[0].ref.modality or "").upper()
+    embeddings = await asyncio.to_thread(embed_once, ctx.scorer, images, ctx.recorder)
+    analysis = ImageAnalysis()
+    label_set = ctx.label_sets.get(modality)
     if label_set is None:
         # Zero-shot labels are per domain; scoring chest X-ray labels on, say, CT slices would
         # produce confident nonsense, so the step is skipped and says why.
         ctx.recorder.event(NOTE, "no_label_set", meta={"modality": modality, "known": sorted(ctx.label_sets)})
-        return {"findings": []}
-    prompts = label_set.prompts
-    names = {item.prompt: item.label for item in label_set.labels}
-    started = time.perf_counter()
-    try:
-        raw = await asyncio.to_thread(ctx.scorer.zero_shot, [image.image for image in images], prompts)
-    except MedagentError as exc:
-        _record_failed_call(ctx, "medsiglip.zero_shot", ctx.scorer.identity, started, exc)
-        raise
-    latency = time.perf_counter() - started
-    findings = [
-        Finding(
-            image=image.ref,
-            model_id=ctx.scorer.identity.model_id,
-            scores=[LabelScore(label=names.get(score.label, score.label), score=score.score) for score in scores],
+    else:
+        analysis.findings += await asyncio.to_thread(
+            zero_shot_findings, ctx.scorer, images, embeddings, label_set, ctx.recorder
         )
-        for image, scores in zip(images, raw, strict=True)
-    ]
-    ctx.recorder.event(
-        MODEL_CALL,
-        "medsiglip.zero_shot",
-        status="ok",
-        duration_ms=latency * 1000,
-        meta=_model_meta(
-            ctx.scorer.identity,
-            parameters={"label_set": label_set.key, "labels": len(prompts)},
-            images=len(images),
-            image_refs=[image.ref.sop_instance_uid for image in images],
-        ),
-        content={"output": [f.model_dump(mode="json") for f in findings]},
-    )
-    return {"findings": findings}
+    if ctx.classifier is not None:
+        analysis.findings += classifier_findings(ctx.classifier, ctx.scorer, images, embeddings, ctx.recorder)
+    k = ctx.settings.imaging.similar_cases
+    if ctx.image_index is not None and k > 0:
+        study_uid = images[0].ref.study_uid
+        analysis.similar_cases = await asyncio.to_thread(
+            similar_cases, ctx.image_index, ctx.scorer, embeddings, study_uid, k, ctx.recorder
+        )
+    elif k > 0 and ctx.image_index_problem:
+        ctx.recorder.event(NOTE, "similar_cases_unavailable", meta={"reason": ctx.image_index_problem})
+    # Similar cases become citeable: the citation checker accepts exactly what the run put before the model.
+    sources = list(state.get("sources", [])) + [case.citation for case in analysis.similar_cases]
+    return {"findings": analysis.findings, "similar_cases": analysis.similar_cases, "sources": sources}
 
 
 def _record_failed_call(
@@ -292,6 +319,10 @@ def _record_failed_call(
         duration_ms=(time.perf_counter() - started) * 1000,
         meta=_model_meta(identity, error=exc.metadata_dict()),
     )
+
+
+def _study_citation(study: dict[str, Any] | None) -> str | None:
+    return f"ImagingStudy/{study['id']}" if study and study.get("id") else None
 
 
 @traced("reason")
@@ -308,6 +339,8 @@ async def reason(state: AskState, runtime: Runtime[RunContext]) -> dict[str, Any
         findings,
         ctx.scorer.identity.model_id if findings else None,
         attached=[image.ref for image in images],
+        similar=state.get("similar_cases", []),
+        study_citation=_study_citation(state.get("imaging_study")),
     )
     request = GenerationRequest(
         system=SYSTEM_PROMPT,

@@ -15,6 +15,7 @@ from agent.audit.recorder import TraceRecorder
 from agent.config import Settings
 from agent.domain.answer import Citation
 from agent.domain.imaging import Finding, PreparedImage
+from agent.domain.similar import SimilarCase
 from agent.inference.labels import LabelSet
 from agent.inference.protocols import ImageScorer, Reasoner
 from agent.sources.protocols import DicomSource, FhirSource
@@ -45,6 +46,7 @@ class AskState(TypedDict, total=False):
     images: list[PreparedImage]
     image_errors: list[dict[str, Any]]
     findings: list[Finding]
+    similar_cases: list[SimilarCase]
     raw_answer: str
     answer: str
     citations: list[Citation]
@@ -66,3 +68,9 @@ class RunContext:
     #: server capabilities by FHIR source, shared across the runs of one process
     capabilities_cache: dict[str, Any] = field(default_factory=dict)
     history_types: tuple[str, ...] = field(default=HISTORY_TYPES)
+    #: a trained linear probe (``agent.inference.classifier.LinearProbe``) when one is configured
+    classifier: Any | None = None
+    #: the similar-case index (``agent.retrieval.protocols.ImageIndex``) when one is available
+    image_index: Any | None = None
+    #: why there is no similar-case index this run (recorded in the trace), when there is none
+    image_index_problem: str | None = None

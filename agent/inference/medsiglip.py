@@ -20,13 +20,14 @@ from PIL import Image
 
 from agent.domain.imaging import LabelScore
 from agent.errors import ModelOutputError, ModelUnavailableError
-from agent.inference.labels import CXR_LABELS_V1
+from agent.inference.labels import CXR_LABELS_V1, LabelSet
 from agent.inference.loading import load_pretrained, local_identity
 from agent.inference.protocols import ModelIdentity
 
 #: MedSigLIP was trained on texts padded to 64 tokens; shorter padding changes the embedding.
 TEXT_MAX_LENGTH = 64
 _TEXT_CACHE_SIZE = 1024
+_TEXTS_PER_IMAGE_SLOT = 4
 
 
 class MedSigLIP:
@@ -128,8 +129,11 @@ class MedSigLIP:
             return torch.empty((0, self._embedding_dim()), dtype=torch.float32)
         with self._lock:
             missing = list(dict.fromkeys(text for text in texts if text not in self._text_cache))
-            if missing:
-                for text, row in zip(missing, self._encode_texts(missing), strict=True):
+            # Texts are short (64 tokens), so a batch holds more of them than of images.
+            text_batch = self.batch_size * _TEXTS_PER_IMAGE_SLOT
+            for start in range(0, len(missing), text_batch):
+                chunk = missing[start : start + text_batch]
+                for text, row in zip(chunk, self._encode_texts(chunk), strict=True):
                     self._text_cache[text] = row
             for text in texts:
                 self._text_cache.move_to_end(text)
@@ -164,6 +168,75 @@ class MedSigLIP:
             [LabelScore(label=label, score=float(score)) for label, score in zip(labels, row, strict=True)]
             for row in probabilities.tolist()
         ]
+
+    def score_label_set(self, images: Sequence[Image.Image], label_set: LabelSet) -> list[list[LabelScore]]:
+        """Embed the images and score a versioned label set on them; see :meth:`score_embeddings`.
+
+        Args:
+            images: PIL images, as for :meth:`embed_images`.
+            label_set: the set to score; its labels name the scores, in order.
+
+        Raises:
+            ModelOutputError: when the model call fails.
+        """
+        if not images:
+            return []
+        return self.score_embeddings(self.embed_images(images), label_set)
+
+    def score_embeddings(self, image_embeddings: torch.Tensor, label_set: LabelSet) -> list[list[LabelScore]]:
+        """Score a label set on image embeddings already computed, with each label's negation where it has one.
+
+        Per label, ``score`` is sigmoid(exp(logit_scale) * cos(image, positive) + logit_bias),
+        exactly as :meth:`zero_shot` computes it. When the label has a negative prompt,
+        ``negative_score`` is the same sigmoid for the negative prompt and ``pair_probability``
+        the softmax over the two logits, for the positive one: the model's bias cancels there,
+        so it reads "finding rather than its absence" independently of how each prompt happens to
+        be calibrated. The graph embeds a study's images once and derives zero-shot labels,
+        classifier scores and similar cases from the same rows, hence this entry point.
+
+        Args:
+            image_embeddings: ``(n, dim)`` L2-normalised rows from :meth:`embed_images`.
+            label_set: the set to score; all its prompts go through the text tower in one cached call.
+
+        Returns:
+            One list per image, in the set's label order.
+
+        Raises:
+            ModelOutputError: when the text encoding fails.
+        """
+        count = len(image_embeddings)
+        if count == 0 or not label_set.labels:
+            return [[] for _ in range(count)]
+        labels = label_set.labels
+        negatives = [item.negative_prompt for item in labels if item.negative_prompt]
+        text_embeddings = self.embed_texts([*label_set.prompts, *negatives])
+        scale, bias = self.logit_parameters()
+        logits = scale * image_embeddings.float() @ text_embeddings.T + bias
+        positive = logits[:, : len(labels)]
+        # Column of each label's negative prompt among the logits (after the positives), or None.
+        columns: list[int | None] = []
+        next_column = len(labels)
+        for item in labels:
+            columns.append(next_column if item.negative_prompt else None)
+            next_column += 1 if item.negative_prompt else 0
+        rows: list[list[LabelScore]] = [[] for _ in range(count)]
+        for index, (item, column) in enumerate(zip(labels, columns, strict=True)):
+            pos_scores = torch.sigmoid(positive[:, index]).tolist()
+            if column is None:
+                for row, score in zip(rows, pos_scores, strict=True):
+                    row.append(LabelScore(label=item.label, score=score))
+                continue
+            negative = logits[:, column]
+            neg_scores = torch.sigmoid(negative).tolist()
+            pairs = torch.softmax(torch.stack([positive[:, index], negative], dim=1), dim=1)[:, 0].tolist()
+            for row, score, neg, pair in zip(rows, pos_scores, neg_scores, pairs, strict=True):
+                row.append(LabelScore(label=item.label, score=score, negative_score=neg, pair_probability=pair))
+        return rows
+
+    @property
+    def embedding_dim(self) -> int:
+        """Return the length of the image and text embeddings (1152 for MedSigLIP-448)."""
+        return self._embedding_dim()
 
     def logit_parameters(self) -> tuple[float, float]:
         """Return the model's own ``(exp(logit_scale), logit_bias)`` as floats."""

@@ -17,6 +17,8 @@ from agent.domain.imaging import LabelScore
 if TYPE_CHECKING:  # torch is heavy; the service imports this module without loading models
     import torch
 
+    from agent.inference.labels import LabelSet
+
 
 class ModelIdentity(BaseModel):
     """Which weights answered: what the trace records for every model call."""
@@ -62,6 +64,10 @@ class ImageScorer(Protocol):
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Return one L2-normalised embedding per text, shape ``(len(texts), dim)``."""
+        ...
+
+    def score_embeddings(self, image_embeddings: torch.Tensor, label_set: LabelSet) -> list[list[LabelScore]]:
+        """Score a label set on already computed image embeddings (one list per image, label order)."""
         ...
 
     def zero_shot(self, images: list[Image.Image], labels: list[str]) -> list[list[LabelScore]]:

@@ -5,7 +5,8 @@ of the study the FHIR record names (an ImagingStudy's ``urn:dicom:uid`` identifi
 (:mod:`agent.sources.imaging_selection`), retrieves them here and hands them to pixel
 preparation (:mod:`agent.sources.pixels`). The same graph runs against DICOMweb in production.
 
-The folder is indexed once, on first use, reading only headers (``stop_before_pixels``). Every
+The folder is indexed once, on first use, reading only headers (``stop_before_pixels``); study
+searches (:meth:`DicomDirSource.search_studies`) answer from the same index. Every
 search and retrieval is reported to the run's observer, failures included. Nothing that names the
 patient goes into an event or an error message: only UIDs, file paths relative to the folder,
 transfer syntaxes and sizes.
@@ -23,7 +24,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from agent.domain.events import AccessObserver, DicomRetrievalEvent
-from agent.domain.refs import InstanceRef
+from agent.domain.refs import InstanceRef, StudyRef
 from agent.errors import SourceUnavailableError
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ class _Entry:
     ref: InstanceRef
     path: Path
     series_number: int | None
+    patient_id: str | None = None
+    study_date: str | None = None
+    study_description: str | None = None
 
 
 def _int_or_none(value: object) -> int | None:
@@ -113,6 +117,10 @@ class DicomDirSource:
                         "ViewPosition",
                         "InstanceNumber",
                         "SeriesNumber",
+                        "SeriesDescription",
+                        "PatientID",
+                        "StudyDate",
+                        "StudyDescription",
                     ],
                 )
                 study_uid = str(ds.StudyInstanceUID)
@@ -123,13 +131,21 @@ class DicomDirSource:
                     modality=_str_or_none(ds.get("Modality")),
                     view_position=_str_or_none(ds.get("ViewPosition")),
                     instance_number=_int_or_none(ds.get("InstanceNumber")),
+                    series_description=_str_or_none(ds.get("SeriesDescription")),
                 )
             except Exception:
                 # One bad file must not hide the rest of the folder; it is listed, and a
                 # retrieve of it (if anything points at it) fails with its own error.
                 unreadable.append(self._relative(path))
                 continue
-            entry = _Entry(ref=ref, path=path, series_number=_int_or_none(ds.get("SeriesNumber")))
+            entry = _Entry(
+                ref=ref,
+                path=path,
+                series_number=_int_or_none(ds.get("SeriesNumber")),
+                patient_id=_str_or_none(ds.get("PatientID")),
+                study_date=_str_or_none(ds.get("StudyDate")),
+                study_description=_str_or_none(ds.get("StudyDescription")),
+            )
             studies.setdefault(study_uid, []).append(entry)
             by_sop[ref.sop_instance_uid] = entry
         for entries in studies.values():
@@ -147,6 +163,47 @@ class DicomDirSource:
             return self._studies
 
     # --- protocol ------------------------------------------------------------------------------
+
+    async def search_studies(
+        self,
+        *,
+        patient_id: str | None = None,
+        study_uid: str | None = None,
+        modality: str | None = None,
+        limit: int | None = None,
+    ) -> list[StudyRef]:
+        """Return the folder's studies matching every given filter, newest study date first.
+
+        Matching is exact (modality case-insensitive, against any series of the study). An empty
+        result triggers one rescan (files may have been added since the first scan).
+
+        Raises:
+            SourceUnavailableError: the folder is missing.
+            ValueError: ``limit`` below 1.
+        """
+        if limit is not None and limit < 1:
+            raise ValueError("limit must be at least 1")
+        started = time.perf_counter()
+        error: str | None = None
+        try:
+            studies = await self._index()
+            found = _matching_studies(studies, patient_id, study_uid, modality)
+            if not found:
+                found = _matching_studies(await self._index(refresh=True), patient_id, study_uid, modality)
+            return found[:limit] if limit is not None else found
+        except SourceUnavailableError as exc:
+            error = exc.message
+            raise
+        finally:
+            self.observer.dicom_retrieval(
+                DicomRetrievalEvent(
+                    backend=BACKEND,
+                    action="search",
+                    study_uid=study_uid,
+                    duration_ms=(time.perf_counter() - started) * 1000.0,
+                    error=error,
+                )
+            )
 
     async def list_instances(self, study_uid: str) -> list[InstanceRef]:
         """Return the instances of a study, ordered by series number then instance number.
@@ -249,6 +306,45 @@ class DicomDirSource:
         """Forget the index (no connections to release)."""
         self._studies = None
         self._by_sop = {}
+
+
+def _study_ref(study_uid: str, entries: list[_Entry]) -> StudyRef:
+    """Summarise one study's indexed files; study attributes come from the first file that has them."""
+    modalities: list[str] = []
+    for entry in entries:
+        if entry.ref.modality and entry.ref.modality not in modalities:
+            modalities.append(entry.ref.modality)
+    return StudyRef(
+        study_uid=study_uid,
+        patient_id=next((e.patient_id for e in entries if e.patient_id), None),
+        modalities=tuple(modalities),
+        study_date=next((e.study_date for e in entries if e.study_date), None),
+        description=next((e.study_description for e in entries if e.study_description), None),
+        number_of_instances=len(entries),
+    )
+
+
+def _matching_studies(
+    studies: dict[str, list[_Entry]],
+    patient_id: str | None,
+    study_uid: str | None,
+    modality: str | None,
+) -> list[StudyRef]:
+    """Return the studies matching every given filter, newest first (undated last), then by UID."""
+    wanted_modality = modality.strip().upper() if modality is not None else None
+    found: list[StudyRef] = []
+    for uid, entries in studies.items():
+        if study_uid is not None and uid != study_uid:
+            continue
+        study = _study_ref(uid, entries)
+        if patient_id is not None and study.patient_id != patient_id:
+            continue
+        if wanted_modality is not None and wanted_modality not in {m.upper() for m in study.modalities}:
+            continue
+        found.append(study)
+    found.sort(key=lambda s: s.study_uid)
+    found.sort(key=lambda s: s.study_date or "", reverse=True)
+    return found
 
 
 def _entry_order(entry: _Entry) -> tuple[int, str, int, str]:

@@ -3,7 +3,10 @@
 Where it sits: after the history step has found a patient's ImagingStudy resources, the graph
 asks the DICOM source for each study's instances (:meth:`DicomWebSource.list_instances`, QIDO-RS)
 and fetches the few it will show the models (:meth:`DicomWebSource.retrieve`, WADO-RS); pixel
-preparation (``agent/sources/pixels.py``) then turns the datasets into images.
+preparation (``agent/sources/pixels.py``) then turns the datasets into images. Studies can also
+be found without a FHIR record (:meth:`DicomWebSource.search_studies`), and headers or single
+frames fetched without whole instances (:meth:`DicomWebSource.retrieve_metadata`,
+:meth:`DicomWebSource.retrieve_frames`), which matters for large multi-frame objects.
 :func:`agent.sources.factory.make_dicom_source` builds this source when
 ``settings.dicom.dicomweb_url`` is set (Orthanc, Google/Azure DICOM services, dcm4chee).
 
@@ -28,13 +31,23 @@ from pydicom.errors import InvalidDicomError
 
 from agent.config import DicomSettings
 from agent.domain.events import AccessObserver, DicomRetrievalEvent
-from agent.domain.refs import InstanceRef
+from agent.domain.refs import InstanceRef, StudyRef
 from agent.errors import InvalidResourceError, SourceUnavailableError
 from agent.sources.http_auth import client_kwargs, http_auth
 
 DICOM_JSON = "application/dicom+json"
 #: WADO-RS instance retrieval in whatever transfer syntax the server stored (no transcoding).
 ACCEPT_DICOM_ANY_SYNTAX = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+#: WADO-RS frames: with no transfer-syntax parameter the standard (PS3.18 8.7.3.5.2) makes the
+#: server send uncompressed Explicit VR Little Endian, transcoding when it stored something else.
+#: Orthanc refuses frame requests whose Accept does not name this media type.
+ACCEPT_FRAMES = 'multipart/related; type="application/octet-stream"'
+#: ``transfer_syntax`` value asking for frames as stored (compressed bytes when stored compressed).
+AS_STORED = "*"
+#: Pixel data in these syntaxes is plain little- or big-endian values, one frame after another.
+UNCOMPRESSED_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 
 # DICOM attribute tags as QIDO-RS JSON keys.
 TAG_MODALITY = "00080060"
@@ -44,11 +57,30 @@ TAG_STUDY_UID = "0020000D"
 TAG_SERIES_UID = "0020000E"
 TAG_INSTANCE_NUMBER = "00200013"
 TAG_TRANSFER_SYNTAX_UID = "00020010"
+TAG_SERIES_DESCRIPTION = "0008103E"
+TAG_STUDY_DATE = "00080020"
+TAG_MODALITIES_IN_STUDY = "00080061"
+TAG_STUDY_DESCRIPTION = "00081030"
+TAG_PATIENT_ID = "00100020"
+TAG_NUMBER_OF_STUDY_RELATED_INSTANCES = "00201208"
 
-_INCLUDE_FIELDS = (TAG_MODALITY, TAG_VIEW_POSITION, TAG_INSTANCE_NUMBER)
+_INCLUDE_FIELDS = (TAG_MODALITY, TAG_VIEW_POSITION, TAG_INSTANCE_NUMBER, TAG_SERIES_DESCRIPTION)
+#: Asked for explicitly: StudyDescription is not among QIDO-RS's default study attributes, and
+#: servers differ on the others.
+_STUDY_INCLUDE_FIELDS = (
+    TAG_STUDY_DESCRIPTION,
+    TAG_MODALITIES_IN_STUDY,
+    TAG_NUMBER_OF_STUDY_RELATED_INSTANCES,
+    TAG_STUDY_DATE,
+)
 
 # UIDs go into URL paths: anything but digits and dots could rewrite the request.
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# A modality is a DICOM code string (CS): upper-case letters, digits, space and underscore.
+_MODALITY = re.compile(r"^[A-Z0-9_ ]{1,16}$")
+# QIDO-RS matching treats these as wildcards (``*``, ``?``) or value separators (``,``, ``\``);
+# a patient ID holding one would match other patients' studies.
+_QIDO_SPECIAL = frozenset("*?,\\")
 
 
 @dataclass(frozen=True)
@@ -163,11 +195,36 @@ def _first_value(item: dict[str, Any], tag: str) -> Any:
     return values[0]
 
 
+def _all_values(item: dict[str, Any], tag: str) -> list[Any]:
+    element = item.get(tag)
+    values = element.get("Value") if isinstance(element, dict) else None
+    return [v for v in values if v is not None] if isinstance(values, list) else []
+
+
 def _as_int(value: Any) -> int | None:
     try:
         return int(value) if value is not None else None
     except (TypeError, ValueError):
         return None
+
+
+def _as_text(value: Any) -> str | None:
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame from WADO-RS Retrieve Frames: its number (1-based), bytes and how they are encoded.
+
+    ``transfer_syntax`` is what the server declared for the part (or for the whole answer), else
+    what was asked for; None when frames were asked for as stored and the server did not say.
+    """
+
+    number: int
+    content: bytes
+    media_type: str
+    transfer_syntax: str | None
 
 
 class DicomWebSource:
@@ -225,12 +282,81 @@ class DicomWebSource:
         if self._owns_client:
             await self._client.aclose()
 
+    async def search_studies(
+        self,
+        *,
+        patient_id: str | None = None,
+        study_uid: str | None = None,
+        modality: str | None = None,
+        limit: int | None = None,
+    ) -> list[StudyRef]:
+        """Return the studies matching every given filter, via QIDO-RS ``/studies``.
+
+        Filters are exact: a patient ID containing QIDO-RS wildcard or list characters is refused
+        rather than sent, because the server would match other patients' studies with it.
+        ``modality`` matches ModalitiesInStudy (any series of that modality). No match is an empty
+        list, not an error.
+
+        Raises:
+            SourceUnavailableError: server unreachable, authentication failed or an error answer.
+            InvalidResourceError: a malformed filter, or the answer is not DICOM JSON.
+            ValueError: ``limit`` below 1.
+        """
+        params: list[tuple[str, str]] = []
+        if patient_id is not None:
+            if not patient_id.strip() or _QIDO_SPECIAL.intersection(patient_id):
+                # The ID itself stays out of the message: it identifies a patient.
+                raise InvalidResourceError(
+                    "patient ID is empty or contains QIDO-RS wildcard or list characters (* ? , \\); "
+                    "it cannot be searched exactly"
+                )
+            params.append((TAG_PATIENT_ID, patient_id))
+        if study_uid is not None:
+            _check_uid(study_uid, "study")
+            params.append((TAG_STUDY_UID, study_uid))
+        if modality is not None:
+            code = modality.strip().upper()
+            if not _MODALITY.match(code):
+                raise InvalidResourceError(f"not a DICOM modality code: {modality[:20]!r}")
+            params.append((TAG_MODALITIES_IN_STUDY, code))
+        if limit is not None:
+            if limit < 1:
+                raise ValueError("limit must be at least 1")
+            params.append(("limit", str(limit)))
+        params += [("includefield", tag) for tag in _STUDY_INCLUDE_FIELDS]
+
+        event = _EventDraft("search", study_uid, None, None)
+        items = await self._qido(f"{self.base_url}/studies", params, event, empty_means=None)
+        studies: list[StudyRef] = []
+        for item in items:
+            uid = _first_value(item, TAG_STUDY_UID)
+            if not isinstance(uid, str):
+                self._fail(
+                    event,
+                    200,
+                    InvalidResourceError(f"DICOMweb server {self.base_url} returned a study without StudyInstanceUID"),
+                )
+            studies.append(
+                StudyRef(
+                    study_uid=uid,
+                    patient_id=_as_text(_first_value(item, TAG_PATIENT_ID)),
+                    modalities=tuple(str(m) for m in _all_values(item, TAG_MODALITIES_IN_STUDY)),
+                    study_date=_as_text(_first_value(item, TAG_STUDY_DATE)),
+                    description=_as_text(_first_value(item, TAG_STUDY_DESCRIPTION)),
+                    number_of_instances=_as_int(_first_value(item, TAG_NUMBER_OF_STUDY_RELATED_INSTANCES)),
+                )
+            )
+        # Some servers ignore ``limit``; the caller asked for at most that many.
+        return studies[:limit] if limit is not None else studies
+
     async def list_instances(self, study_uid: str) -> list[InstanceRef]:
         """Return the instances of a study, ordered by series then instance number.
 
-        Modality, ViewPosition and InstanceNumber are requested with ``includefield``; when the
-        server leaves Modality out of the instance-level answer, it is taken from a series-level
-        query (where QIDO-RS always returns it).
+        Modality, ViewPosition, InstanceNumber and SeriesDescription are requested with
+        ``includefield``. A server that leaves Modality out of the instance-level answer does not
+        return series attributes there, so Modality and SeriesDescription then come from one
+        series-level query (where QIDO-RS returns both by default). Series metadata (WADO-RS)
+        would carry the same attributes but costs a full header per instance, so it is not used.
 
         Raises:
             SourceUnavailableError: server unreachable, authentication failed, an error answer,
@@ -240,7 +366,8 @@ class DicomWebSource:
         _check_uid(study_uid, "study")
         params = [("includefield", tag) for tag in _INCLUDE_FIELDS]
         url = f"{self.base_url}/studies/{study_uid}/instances"
-        items = await self._qido(url, params, study_uid=study_uid)
+        event = _EventDraft("search", study_uid, None, None)
+        items = await self._qido(url, params, event, empty_means=f"study {study_uid}")
 
         refs: list[InstanceRef] = []
         for item in items:
@@ -250,25 +377,29 @@ class DicomWebSource:
                 raise InvalidResourceError(
                     f"DICOMweb server {self.base_url} returned an instance without series or SOP UID"
                 )
-            modality = _first_value(item, TAG_MODALITY)
-            view = _first_value(item, TAG_VIEW_POSITION)
             refs.append(
                 InstanceRef(
                     study_uid=study_uid,
                     series_uid=series_uid,
                     sop_instance_uid=sop_uid,
-                    modality=str(modality) if modality else None,
-                    view_position=str(view) if view else None,
+                    modality=_as_text(_first_value(item, TAG_MODALITY)),
+                    view_position=_as_text(_first_value(item, TAG_VIEW_POSITION)),
                     instance_number=_as_int(_first_value(item, TAG_INSTANCE_NUMBER)),
+                    series_description=_as_text(_first_value(item, TAG_SERIES_DESCRIPTION)),
                 )
             )
 
         if any(ref.modality is None for ref in refs):
-            series_modality = await self._series_modalities(study_uid)
+            series = await self._series_attributes(study_uid)
             refs = [
                 ref
                 if ref.modality is not None
-                else ref.model_copy(update={"modality": series_modality.get(ref.series_uid)})
+                else ref.model_copy(
+                    update={
+                        "modality": series.get(ref.series_uid, (None, None))[0],
+                        "series_description": ref.series_description or series.get(ref.series_uid, (None, None))[1],
+                    }
+                )
                 for ref in refs
             ]
         refs.sort(key=lambda r: (r.series_uid, r.instance_number is None, r.instance_number or 0))
@@ -277,29 +408,21 @@ class DicomWebSource:
     async def retrieve(self, ref: InstanceRef) -> Dataset:
         """Return one instance as stored (pixel data not decoded), via WADO-RS.
 
+        Pixel data is not checked here: an instance whose pixels are truncated or in a syntax
+        nothing here decodes still comes back, and pixel preparation raises
+        :class:`~agent.errors.DicomDecodeError` for it alone.
+
         Raises:
             SourceUnavailableError: server unreachable, authentication failed, an error answer, or
-                the instance is not found.
+                the instance is not found (the message names its three UIDs).
             InvalidResourceError: the answer is not a DICOM instance, or is a different instance.
         """
-        for uid, what in (
-            (ref.study_uid, "study"),
-            (ref.series_uid, "series"),
-            (ref.sop_instance_uid, "instance"),
-        ):
-            _check_uid(uid, what)
-        url = f"{self.base_url}/studies/{ref.study_uid}/series/{ref.series_uid}/instances/{ref.sop_instance_uid}"
+        _check_ref(ref)
+        url = self._instance_url(ref)
         event = _EventDraft("retrieve", ref.study_uid, ref.series_uid, ref.sop_instance_uid)
         response = await self._get(url, None, ACCEPT_DICOM_ANY_SYNTAX, event)
         if response.status_code in (404, 204):
-            self._fail(
-                event,
-                response.status_code,
-                SourceUnavailableError(
-                    f"instance {ref.sop_instance_uid} not found on {self.base_url}",
-                    details={"status": response.status_code},
-                ),
-            )
+            self._fail(event, response.status_code, self._instance_not_found(ref, response.status_code))
 
         content_type = response.headers.get("content-type", "")
         media_type, params = _content_type_params(content_type)
@@ -340,47 +463,222 @@ class DicomWebSource:
         self._emit(event, response.status_code, None)
         return dataset
 
-    # -- helpers ---------------------------------------------------------------------------------
+    async def retrieve_metadata(self, study_uid: str, series_uid: str | None = None) -> list[dict[str, Any]]:
+        """Return the DICOM JSON header of every instance of a study or series (WADO-RS ``/metadata``).
 
-    async def _series_modalities(self, study_uid: str) -> dict[str, str]:
-        url = f"{self.base_url}/studies/{study_uid}/series"
-        items = await self._qido(url, [("includefield", TAG_MODALITY)], study_uid=study_uid)
-        result: dict[str, str] = {}
-        for item in items:
-            series_uid = _first_value(item, TAG_SERIES_UID)
-            modality = _first_value(item, TAG_MODALITY)
-            if isinstance(series_uid, str) and modality:
-                result[series_uid] = str(modality)
+        Bulk data (pixels, large binary values) comes as ``BulkDataURI`` references, so this is
+        the cheap way to read attributes QIDO-RS does not return (window presets, pixel spacing,
+        frame counts) before deciding what to fetch.
+
+        Raises:
+            SourceUnavailableError: server unreachable, authentication failed, an error answer,
+                or the study or series is not found (404, 204 or an empty list).
+            InvalidResourceError: a malformed UID, or the answer is not DICOM JSON.
+        """
+        _check_uid(study_uid, "study")
+        url = f"{self.base_url}/studies/{study_uid}"
+        what = f"study {study_uid}"
+        if series_uid is not None:
+            _check_uid(series_uid, "series")
+            url += f"/series/{series_uid}"
+            what = f"series {series_uid} of study {study_uid}"
+        event = _EventDraft("metadata", study_uid, series_uid, None)
+        return await self._qido(f"{url}/metadata", [], event, empty_means=what)
+
+    async def retrieve_frames(
+        self, ref: InstanceRef, frames: list[int], *, transfer_syntax: str | None = None
+    ) -> list[bytes]:
+        """Return the pixel bytes of the given frames (1-based numbers) of one instance, in that order.
+
+        See :meth:`retrieve_frame_parts`; this keeps only the bytes.
+        """
+        return [
+            frame.content for frame in await self.retrieve_frame_parts(ref, frames, transfer_syntax=transfer_syntax)
+        ]
+
+    async def retrieve_frame_parts(
+        self, ref: InstanceRef, frames: list[int], *, transfer_syntax: str | None = None
+    ) -> list[Frame]:
+        """Fetch frames with WADO-RS Retrieve Frames and say how each one is encoded.
+
+        Args:
+            ref: the instance.
+            frames: 1-based frame numbers, answered in this order.
+            transfer_syntax: None (the standard's default) asks for uncompressed Explicit VR
+                Little Endian, so the bytes are plain pixel values (the server transcodes);
+                :data:`AS_STORED` (``"*"``) asks for the stored encoding, e.g. one JPEG 2000
+                codestream per frame; or an uncompressed transfer syntax UID.
+
+        Raises:
+            ValueError: no frames, or a frame number below 1, or an unusable ``transfer_syntax``.
+            SourceUnavailableError: server unreachable, authentication failed, an error answer
+                (a frame number past the end is one), the instance is not found, or the server
+                cannot send that transfer syntax (HTTP 406; the message names it).
+            InvalidResourceError: the answer is not multipart, holds another number of frames
+                than asked, or is compressed although uncompressed frames were asked for (the
+                message names the transfer syntax received).
+        """
+        if not frames or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in frames):
+            raise ValueError(f"frame numbers must be a non-empty list of integers from 1: {frames!r}")
+        if transfer_syntax is not None and transfer_syntax != AS_STORED and not _UID.match(transfer_syntax):
+            raise ValueError(f"not a transfer syntax UID (or '*'): {transfer_syntax!r}")
+        if transfer_syntax not in (None, AS_STORED, *UNCOMPRESSED_SYNTAXES):
+            # PS3.18 table 8.7.3-5: octet-stream carries uncompressed (or as-stored) frames only.
+            raise ValueError(f"application/octet-stream frames cannot be requested in {transfer_syntax}")
+        _check_ref(ref)
+        accept = ACCEPT_FRAMES if transfer_syntax is None else f"{ACCEPT_FRAMES}; transfer-syntax={transfer_syntax}"
+        wanted = EXPLICIT_VR_LITTLE_ENDIAN if transfer_syntax is None else transfer_syntax
+        url = f"{self._instance_url(ref)}/frames/{','.join(str(n) for n in frames)}"
+        event = _EventDraft("frames", ref.study_uid, ref.series_uid, ref.sop_instance_uid)
+        response = await self._get(url, None, accept, event, tolerated=(404, 204, 406))
+        status = response.status_code
+        if status in (404, 204):
+            self._fail(event, status, self._instance_not_found(ref, status))
+        if status == 406:
+            self._fail(
+                event,
+                status,
+                SourceUnavailableError(
+                    f"DICOMweb server {self.base_url} cannot send frames of instance {ref.sop_instance_uid} "
+                    f"in transfer syntax {wanted} (HTTP 406)",
+                    details={"status": status, "transfer_syntax": wanted},
+                ),
+            )
+
+        content_type = response.headers.get("content-type", "")
+        media_type, params = _content_type_params(content_type)
+        try:
+            if media_type.startswith("multipart/"):
+                parts = parse_multipart_related(response.content, content_type)
+                whole_syntax = _declared_syntax(params)
+            else:
+                # A single frame may come as a bare body.
+                parts = [MultipartPart({"content-type": content_type}, response.content)]
+                whole_syntax = None
+            result = []
+            for number, part in zip(frames, parts, strict=False):
+                part_type, part_params = _content_type_params(part.content_type or "application/octet-stream")
+                declared = _declared_syntax(part_params) or whole_syntax
+                result.append(
+                    Frame(
+                        number=number,
+                        content=part.content,
+                        media_type=part_type,
+                        transfer_syntax=declared or (None if wanted == AS_STORED else wanted),
+                    )
+                )
+            if len(parts) != len(frames):
+                raise InvalidResourceError(
+                    f"DICOMweb server {self.base_url} returned {len(parts)} frame(s) of instance "
+                    f"{ref.sop_instance_uid}, not the {len(frames)} asked for"
+                )
+            if wanted != AS_STORED:
+                # Implicit and explicit VR little endian hold identical pixel bytes; anything else
+                # (compressed, or big endian when little was asked for) would be misread.
+                acceptable = {wanted, IMPLICIT_VR_LITTLE_ENDIAN} if wanted == EXPLICIT_VR_LITTLE_ENDIAN else {wanted}
+                for frame in result:
+                    if frame.transfer_syntax not in acceptable or frame.media_type != "application/octet-stream":
+                        raise InvalidResourceError(
+                            f"DICOMweb server {self.base_url} returned frame {frame.number} of instance "
+                            f"{ref.sop_instance_uid} as {frame.media_type} in transfer syntax "
+                            f"{frame.transfer_syntax or 'unknown'}, not the uncompressed {wanted} asked for",
+                            details={"transfer_syntax": frame.transfer_syntax},
+                        )
+        except InvalidResourceError as exc:
+            self._fail(event, status, exc)
+        event.transfer_syntax = result[0].transfer_syntax if result else None
+        event.bytes = sum(len(frame.content) for frame in result)
+        self._emit(event, status, None)
         return result
 
-    async def _qido(self, url: str, params: list[tuple[str, str]], *, study_uid: str) -> list[dict[str, Any]]:
-        """Run one QIDO-RS query and return its DICOM JSON items; an empty answer is "not found"."""
-        event = _EventDraft("search", study_uid, None, None)
-        response = await self._get(url, params, DICOM_JSON, event)
-        not_found = SourceUnavailableError(
-            f"study {study_uid} not found on {self.base_url}", details={"status": response.status_code}
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _instance_url(self, ref: InstanceRef) -> str:
+        return f"{self.base_url}/studies/{ref.study_uid}/series/{ref.series_uid}/instances/{ref.sop_instance_uid}"
+
+    def _instance_not_found(self, ref: InstanceRef, status: int) -> SourceUnavailableError:
+        return SourceUnavailableError(
+            f"instance {ref.sop_instance_uid} (series {ref.series_uid}, study {ref.study_uid}) "
+            f"not found on {self.base_url}",
+            details={
+                "status": status,
+                "study_uid": ref.study_uid,
+                "series_uid": ref.series_uid,
+                "sop_instance_uid": ref.sop_instance_uid,
+            },
         )
-        if response.status_code in (404, 204) or not response.content.strip():
-            self._fail(event, response.status_code, not_found)
+
+    async def _series_attributes(self, study_uid: str) -> dict[str, tuple[str | None, str | None]]:
+        """Return (Modality, SeriesDescription) per series UID, from a series-level QIDO-RS query."""
+        url = f"{self.base_url}/studies/{study_uid}/series"
+        params = [("includefield", TAG_MODALITY), ("includefield", TAG_SERIES_DESCRIPTION)]
+        event = _EventDraft("search", study_uid, None, None)
+        items = await self._qido(url, params, event, empty_means=f"study {study_uid}")
+        result: dict[str, tuple[str | None, str | None]] = {}
+        for item in items:
+            series_uid = _first_value(item, TAG_SERIES_UID)
+            if isinstance(series_uid, str):
+                result[series_uid] = (
+                    _as_text(_first_value(item, TAG_MODALITY)),
+                    _as_text(_first_value(item, TAG_SERIES_DESCRIPTION)),
+                )
+        return result
+
+    async def _qido(
+        self,
+        url: str,
+        params: list[tuple[str, str]],
+        event: _EventDraft,
+        *,
+        empty_means: str | None,
+    ) -> list[dict[str, Any]]:
+        """Run one DICOM JSON request (QIDO-RS search or WADO-RS metadata) and return its items.
+
+        Args:
+            url: the resource URL.
+            params: query parameters.
+            event: the access being recorded.
+            empty_means: what is "not found" when the answer is empty (404, 204 or ``[]``), e.g.
+                ``"study 1.2.3"``; None when an empty answer is a valid result (a search).
+        """
+        response = await self._get(url, params, DICOM_JSON, event)
+        status = response.status_code
+        empty = status in (404, 204) or not response.content.strip()
+        if empty and empty_means is None and status != 404:
+            self._emit(event, status, None)
+            return []
+        if empty:
+            if empty_means is None:
+                # A search answering 404 means the URL is not a DICOMweb root, not "no match".
+                message = (
+                    f"DICOMweb server {self.base_url} answered HTTP 404 to a search (is the URL its DICOMweb root?)"
+                )
+            else:
+                message = f"{empty_means} not found on {self.base_url}"
+            self._fail(event, status, SourceUnavailableError(message, details={"status": status}))
         try:
             items = response.json()
         except ValueError as exc:
             self._fail(
                 event,
-                response.status_code,
-                InvalidResourceError(f"DICOMweb server {self.base_url} returned a QIDO answer that is not JSON"),
+                status,
+                InvalidResourceError(f"DICOMweb server {self.base_url} returned a DICOM JSON answer that is not JSON"),
                 cause=exc,
             )
         if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
             self._fail(
                 event,
-                response.status_code,
-                InvalidResourceError(f"DICOMweb server {self.base_url} returned a QIDO answer that is not DICOM JSON"),
+                status,
+                InvalidResourceError(f"DICOMweb server {self.base_url} returned an answer that is not DICOM JSON"),
             )
-        if not items:
-            self._fail(event, response.status_code, not_found)
+        if not items and empty_means is not None:
+            self._fail(
+                event,
+                status,
+                SourceUnavailableError(f"{empty_means} not found on {self.base_url}", details={"status": status}),
+            )
         event.bytes = len(response.content)
-        self._emit(event, response.status_code, None)
+        self._emit(event, status, None)
         return items
 
     async def _get(
@@ -389,10 +687,13 @@ class DicomWebSource:
         params: list[tuple[str, str]] | None,
         accept: str,
         event: _EventDraft,
+        *,
+        tolerated: tuple[int, ...] = (404, 204),
     ) -> httpx.Response:
         """GET with auth; transport failures, auth refusals and error statuses emit and raise.
 
-        404 and 204 come back to the caller, which knows what was not found.
+        The ``tolerated`` statuses (404 and 204 by default) come back to the caller, which knows
+        what was not found (or, for 406, which transfer syntax could not be sent).
         """
         headers = {**self._headers, "Accept": accept}
         try:
@@ -429,7 +730,7 @@ class DicomWebSource:
                     details={"status": status},
                 ),
             )
-        if status not in (404, 204) and not 200 <= status < 300:
+        if status not in tolerated and not 200 <= status < 300:
             self._fail(
                 event,
                 status,
@@ -472,7 +773,9 @@ class DicomWebSource:
 class _EventDraft:
     """The parts of a DicomRetrievalEvent known before the response arrives."""
 
-    def __init__(self, action: str, study_uid: str, series_uid: str | None, sop_instance_uid: str | None) -> None:
+    def __init__(
+        self, action: str, study_uid: str | None, series_uid: str | None, sop_instance_uid: str | None
+    ) -> None:
         self.action = action
         self.study_uid = study_uid
         self.series_uid = series_uid
@@ -480,6 +783,21 @@ class _EventDraft:
         self.transfer_syntax: str | None = None
         self.bytes: int | None = None
         self.started = time.perf_counter()
+
+
+def _declared_syntax(params: dict[str, str]) -> str | None:
+    """Return the transfer syntax a Content-Type declares (Orthanc writes ``transferSyntax`` for some)."""
+    value = params.get("transfer-syntax") or params.get("transfersyntax")
+    return value.strip() if value else None
+
+
+def _check_ref(ref: InstanceRef) -> None:
+    for uid, what in (
+        (ref.study_uid, "study"),
+        (ref.series_uid, "series"),
+        (ref.sop_instance_uid, "instance"),
+    ):
+        _check_uid(uid, what)
 
 
 def _check_uid(uid: str, what: str) -> None:

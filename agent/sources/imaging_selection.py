@@ -5,8 +5,11 @@ of model time (about 1 s per image for MedSigLIP and 9 s through MedGemma's visi
 CPU), so a study is cut down to ``limit`` images, the most informative first. Pure: no I/O.
 
 - Projection radiography (CR, DX, or view positions present): frontal before lateral. PA is
-  preferred, then AP, then images with no view position (usually frontal), then lateral and
-  other views (LL, RL, LATERAL, ...).
+  preferred, then AP, then frontal of unstated direction, then images with no known view
+  (usually frontal), then lateral and other views (LL, RL, LATERAL, ...). The view is the
+  instance's ViewPosition; when that is missing (common in CR and in exports), the series
+  description's words decide ("CHEST PA" is PA, "CHEST LAT" lateral; "PA AND LATERAL" says
+  nothing about one image, so it stays unknown).
 - Cross-sectional modalities (CT, MR, PT, ...): the largest series, sampled evenly through the
   slices, so a few images cover the volume instead of its top.
 - Anything else: the order given (series, then instance number), first ``limit``.
@@ -14,6 +17,7 @@ CPU), so a study is cut down to ``limit`` images, the most informative first. Pu
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Final
 
@@ -23,15 +27,51 @@ PROJECTION_MODALITIES: Final = frozenset({"CR", "DX", "RG", "MG"})
 CROSS_SECTIONAL_MODALITIES: Final = frozenset({"CT", "MR", "PT", "NM"})
 #: Rank of a view position: lower goes first.
 VIEW_RANK: Final = {"PA": 0, "AP": 1}
-UNKNOWN_VIEW_RANK: Final = 2
-OTHER_VIEW_RANK: Final = 3
+FRONTAL_RANK: Final = 2
+UNKNOWN_VIEW_RANK: Final = 3
+OTHER_VIEW_RANK: Final = 4
+
+#: Series-description words (upper case, split on anything but letters and digits) naming a view.
+DESCRIPTION_VIEWS: Final = {
+    "PA": "PA",
+    "POSTEROANTERIOR": "PA",
+    "AP": "AP",
+    "ANTEROPOSTERIOR": "AP",
+    "FRONTAL": "FRONTAL",
+    "LAT": "LATERAL",
+    "LATERAL": "LATERAL",
+    "LL": "LATERAL",
+    "RL": "LATERAL",
+}
+
+
+def view_from_description(description: str | None) -> str | None:
+    """Return the view a series description names: "PA", "AP", "FRONTAL", "LATERAL", or None.
+
+    Words are matched whole and case-insensitively ("LAT" but not "LATE", "PA" but not
+    "PAEDIATRIC"). A description naming a lateral and a frontal view, or both PA and AP, names
+    no single view and gives None; "AP/PA" (both frontal) gives "FRONTAL", "FRONTAL PA" gives "PA".
+    """
+    words = re.split(r"[^A-Z0-9]+", (description or "").upper())
+    views = {DESCRIPTION_VIEWS[w] for w in words if w in DESCRIPTION_VIEWS}
+    if not views:
+        return None
+    if "LATERAL" in views:
+        return "LATERAL" if views == {"LATERAL"} else None
+    specific = views - {"FRONTAL"}  # "FRONTAL PA" is PA
+    return specific.pop() if len(specific) == 1 else "FRONTAL"
 
 
 def _view_rank(ref: InstanceRef) -> int:
     view = (ref.view_position or "").strip().upper()
-    if not view:
+    if view:
+        return VIEW_RANK.get(view, OTHER_VIEW_RANK)
+    described = view_from_description(ref.series_description)
+    if described is None:
         return UNKNOWN_VIEW_RANK
-    return VIEW_RANK.get(view, OTHER_VIEW_RANK)
+    if described == "FRONTAL":
+        return FRONTAL_RANK
+    return VIEW_RANK.get(described, OTHER_VIEW_RANK)
 
 
 def _series_order(refs: list[InstanceRef]) -> dict[str, int]:

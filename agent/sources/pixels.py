@@ -21,18 +21,39 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, convert_color_space, get_decoder
 from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
     UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
 )
 
 from agent.domain.imaging import PreparedImage
 from agent.domain.refs import InstanceRef
-from agent.errors import DicomDecodeError
+from agent.errors import ConfigError, DicomDecodeError
+from agent.sources.pixel_presets import (
+    COLOR,
+    CT_WINDOWS,
+    PRESETS,
+    PixelPreset,
+    minmax_to_uint8,
+    pack_hu_windows,
+    preset_for_modality,
+)
 
 # Photometric interpretations (PS3.3 C.7.6.3.1.2).
 MONOCHROME1: Final = "MONOCHROME1"
@@ -55,6 +76,29 @@ VOI_LINEAR_EXACT: Final = "LINEAR_EXACT"
 VOI_SIGMOID: Final = "SIGMOID"
 
 PIXEL_KEYWORDS: Final = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+#: Syntaxes whose every frame is one codestream ending in the 0xFFD9 marker (JPEG EOI, JPEG 2000
+#: EOC). The JPEG and JPEG-LS decoders return a half-grey picture for a cut-off stream instead of
+#: failing, so the end marker is checked before decoding.
+MARKER_TERMINATED: Final = frozenset(
+    {
+        JPEGBaseline8Bit,
+        JPEGExtended12Bit,
+        JPEGLossless,
+        JPEGLosslessSV1,
+        JPEGLSLossless,
+        JPEGLSNearLossless,
+        JPEG2000Lossless,
+        JPEG2000,
+        HTJ2KLossless,
+        HTJ2KLosslessRPCL,
+        HTJ2K,
+    }
+)
+END_MARKER: Final = b"\xff\xd9"
+
+#: Pixel spacing differing by more than this fraction between rows and columns is resampled.
+ASPECT_TOLERANCE: Final = 0.01
 
 FloatArray = NDArray[np.float64]
 ByteArray = NDArray[np.uint8]
@@ -215,12 +259,29 @@ def _int_tag(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def decode_frame(ds: Dataset, sop_instance_uid: str | None = None) -> DecodedFrame:
-    """Decode the middle frame of an instance's pixel data, checking decodability first.
+def _stream_end_problem(ds: Dataset, index: int, frames: int) -> str | None:
+    """Return why an encapsulated frame looks cut off, or None when it ends with its end marker."""
+    offsets = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    try:
+        data = get_frame(ds.PixelData, index, extended_offsets=offsets, number_of_frames=frames)
+    except Exception as exc:
+        return f"frame {index + 1} cannot be read from the encapsulated pixel data: {type(exc).__name__}: {exc}"
+    # Fragments are padded to an even length, with 0x00 or (some encoders) a 0xFF fill byte.
+    if not bytes(data).rstrip(b"\x00\xff").endswith(END_MARKER):
+        return f"frame {index + 1}'s compressed stream has no end marker (truncated or corrupt)"
+    return None
+
+
+def decode_frame(ds: Dataset, sop_instance_uid: str | None = None, *, frame_index: int | None = None) -> DecodedFrame:
+    """Decode one frame (by default the middle one) of an instance's pixel data, checking decodability first.
 
     Args:
         ds: the instance, with pixel data.
         sop_instance_uid: named in errors; defaults to the dataset's SOPInstanceUID.
+        frame_index: 0-based frame to decode; None takes the middle frame (for an even count the
+            later of the two middle ones), the one most likely to show the anatomy.
 
     Returns:
         The stored values of one frame (no rescale, no window) and its photometric
@@ -283,7 +344,13 @@ def decode_frame(ds: Dataset, sop_instance_uid: str | None = None) -> DecodedFra
         defaults.append("PlanarConfiguration missing: assumed 0 (interleaved)")
 
     frames = _int_tag(ds, "NumberOfFrames") or 1
-    index = frames // 2  # middle frame; for an even count the later of the two middle ones
+    index = frames // 2 if frame_index is None else frame_index
+    if not 0 <= index < frames:
+        raise fail(f"frame index {index} is outside the instance's {frames} frame(s)")
+    if ts in MARKER_TERMINATED and "PixelData" in ds:
+        problem = _stream_end_problem(ds, index, frames)
+        if problem is not None:
+            raise fail(problem)
     try:
         # as_rgb=False: YBR is converted below, where the step is recorded.
         options: dict[str, Any] = {"as_rgb": False, **overrides}
@@ -292,7 +359,7 @@ def decode_frame(ds: Dataset, sop_instance_uid: str | None = None) -> DecodedFra
         raise fail(f"decoder failed: {type(exc).__name__}: {exc}") from exc
     steps.append(f"decode {ts.name}")
     if frames > 1:
-        steps.append(f"frame {index + 1} of {frames} (middle)")
+        steps.append(f"frame {index + 1} of {frames}" + (" (middle)" if frame_index is None else ""))
     return DecodedFrame(
         pixels=pixels,
         photometric=str(props.get("photometric_interpretation", photometric)),
@@ -421,60 +488,194 @@ def _color_to_rgb(ds: Dataset, frame: DecodedFrame) -> ByteArray:
     return pixels.astype(np.uint8)
 
 
-def prepare_instance(ds: Dataset, ref: InstanceRef) -> PreparedImage:
-    """Turn one DICOM instance into a square 8-bit RGB picture, recording every step.
+#: Public names for the helpers :mod:`agent.sources.volumes` reuses slice by slice.
+frame_item = _frame_item
+int_tag = _int_tag
+voi_to_uint8 = _voi_to_uint8
 
-    Grayscale: middle frame -> modality LUT -> VOI window to 0..255 -> MONOCHROME1 inversion ->
-    three channels. Colour: RGB kept, YBR converted, PALETTE COLOR looked up. Then padded with
-    black to a centered square (aspect ratio never changed).
 
-    Args:
-        ds: the instance with its pixel data (as returned by a DicomSource's ``retrieve``).
-        ref: the instance's reference; its SOP instance UID is named in errors.
-
-    Returns:
-        The picture and the steps/defaults that made it.
+def resolve_preset(preset: str | None, modality: str | None) -> PixelPreset:
+    """Return the named preset, or the modality's when ``preset`` is None.
 
     Raises:
-        DicomDecodeError: the pixels cannot be decoded or the photometric interpretation is not
-            supported; the message names the transfer syntax and the SOP instance UID.
+        ConfigError: ``preset`` names no known preset.
     """
-    frame = decode_frame(ds, ref.sop_instance_uid)
-    photometric = frame.photometric
+    name = preset if preset is not None else preset_for_modality(modality)
     try:
-        if photometric in GRAYSCALE and frame.pixels.ndim == 2:
-            values = modality_values(ds, frame)
-            gray = _voi_to_uint8(ds, values, frame)
-            shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
-            if photometric == MONOCHROME1:
-                # MONOCHROME1 (with or without the INVERSE shape DX requires) is inverted once.
-                frame.steps.append("invert MONOCHROME1")
-                gray = invert(gray)
-            elif shape == "INVERSE":
-                frame.steps.append("invert (PresentationLUTShape INVERSE)")
-                gray = invert(gray)
-            rgb = gray_to_rgb(gray)
-            frame.steps.append("gray to 3 channels")
-        elif photometric in {RGB, PALETTE_COLOR} | YBR_CONVERTIBLE | YBR_J2K:
-            rgb = _color_to_rgb(ds, frame)
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown pixel preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+
+
+def instance_modality(ds: Dataset, ref: InstanceRef | None = None) -> str | None:
+    """Return the instance's Modality tag, else the one its reference carries (from QIDO-RS)."""
+    value = str(ds.get("Modality", "") or "").strip().upper()
+    return value or (ref.modality if ref is not None else None)
+
+
+def pixel_spacing(ds: Dataset, frame_index: int, defaults: list[str]) -> tuple[float, float] | None:
+    """Return (row, column) spacing in mm, or None (square pixels assumed, recorded in ``defaults``).
+
+    Looks at PixelSpacing, the frame's Pixel Measures functional group (enhanced IODs), then
+    ImagerPixelSpacing (projection radiographs, spacing at the detector).
+    """
+    candidates = [ds.get("PixelSpacing")]
+    item = _frame_item(ds, frame_index, "PixelMeasuresSequence")
+    if item is not None:
+        candidates.append(item.get("PixelSpacing"))
+    candidates.append(ds.get("ImagerPixelSpacing"))
+    for value in candidates:
+        try:
+            pair = (float(value[0]), float(value[1])) if value is not None and len(value) == 2 else None
+        except (TypeError, ValueError):
+            pair = None
+        if pair is not None and pair[0] > 0 and pair[1] > 0:
+            return pair
+    defaults.append("PixelSpacing missing: assumed square pixels")
+    return None
+
+
+def correct_aspect(pixels: ByteArray, spacing: tuple[float, float] | None) -> tuple[ByteArray, str | None]:
+    """Resample non-square pixels so that the picture has its true proportions.
+
+    Args:
+        pixels: (rows, cols, 3) uint8.
+        spacing: (row, column) spacing in mm, or None for square pixels.
+
+    Returns:
+        The (possibly resampled) pixels and the step to record, or None when nothing was done.
+        Only the coarser axis is upsampled, so no detail is lost.
+    """
+    if spacing is None:
+        return pixels, None
+    row_mm, col_mm = spacing
+    if abs(row_mm / col_mm - 1.0) <= ASPECT_TOLERANCE:
+        return pixels, None
+    rows, cols = pixels.shape[:2]
+    fine = min(row_mm, col_mm)
+    new_rows, new_cols = round(rows * row_mm / fine), round(cols * col_mm / fine)
+    resized = Image.fromarray(np.ascontiguousarray(pixels)).resize((new_cols, new_rows), Image.Resampling.BILINEAR)
+    step = f"resample {rows}x{cols} to {new_rows}x{new_cols} for pixel spacing {row_mm:g}x{col_mm:g} mm"
+    return np.asarray(resized, dtype=np.uint8), step
+
+
+def display_gray(ds: Dataset, gray: ByteArray, frame: DecodedFrame, preset: PixelPreset) -> ByteArray:
+    """Invert a MONOCHROME1 (or INVERSE-shaped) 8-bit image when the preset displays it, then make 3 channels."""
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    if frame.photometric == MONOCHROME1:
+        if preset.invert_monochrome1:
+            # MONOCHROME1 (with or without the INVERSE shape DX requires) is inverted once.
+            frame.steps.append("invert MONOCHROME1")
+            gray = invert(gray)
         else:
-            raise DicomDecodeError(
-                f"cannot prepare SOP instance {ref.sop_instance_uid}: photometric interpretation "
-                f"{photometric!r} is not supported (transfer syntax {_describe(frame.transfer_syntax)})",
-                details={"photometric": photometric, "sop_instance_uid": ref.sop_instance_uid},
-            )
-    except DicomDecodeError:
-        raise
-    except Exception as exc:
-        # A malformed LUT or window tag is the file's fault, not a crash of the run.
-        raise DicomDecodeError(
-            f"cannot prepare SOP instance {ref.sop_instance_uid} (transfer syntax "
-            f"{_describe(frame.transfer_syntax)}): {type(exc).__name__}: {exc}",
-            details={"transfer_syntax": str(frame.transfer_syntax), "sop_instance_uid": ref.sop_instance_uid},
-        ) from exc
+            frame.steps.append(f"MONOCHROME1 not inverted ({preset.name} preset maps values, not display)")
+    elif shape == "INVERSE" and preset.invert_monochrome1:
+        frame.steps.append("invert (PresentationLUTShape INVERSE)")
+        gray = invert(gray)
+    frame.steps.append("gray to 3 channels")
+    return gray_to_rgb(gray)
+
+
+def hu_windows_rgb(values: FloatArray, frame: DecodedFrame) -> ByteArray:
+    """Pack the CT windows of one slice's modality values into RGB, recording the step."""
+    bands = " ".join(f"{c}={lo:g}..{hi:g}" for c, (lo, hi) in zip("RGB", CT_WINDOWS, strict=True))
+    frame.steps.append(f"HU windows to RGB: {bands}")
+    return pack_hu_windows(values)
+
+
+def minmax_gray(values: FloatArray, lower: float, upper: float, frame: DecodedFrame, scope: str) -> ByteArray:
+    """Map a min-max range onto 0..255, recording the step (and a default for a flat range)."""
+    if upper <= lower:
+        frame.defaults.append(f"flat {scope}: every value is {lower:g}, mapped to 0")
+    frame.steps.append(f"min-max over the {scope}: {lower:g}..{upper:g} to 0..255")
+    return minmax_to_uint8(values, lower, upper)
+
+
+def finish_image(ds: Dataset, ref: InstanceRef, rgb: ByteArray, frame: DecodedFrame) -> PreparedImage:
+    """Correct the aspect ratio, pad with black to a centred square and wrap into a PreparedImage."""
+    rgb, step = correct_aspect(rgb, pixel_spacing(ds, frame.frame_index, frame.defaults))
+    if step is not None:
+        frame.steps.append(step)
     rows, cols = rgb.shape[:2]
     if rows != cols:
         rgb = pad_to_square(rgb)
         frame.steps.append(f"pad {rows}x{cols} to {rgb.shape[0]}x{rgb.shape[1]}")
     image = Image.fromarray(np.ascontiguousarray(rgb))
     return PreparedImage(ref=ref, image=image, steps=frame.steps, defaults=frame.defaults)
+
+
+def is_color(frame: DecodedFrame) -> bool:
+    """Tell whether a decoded frame goes through the colour path."""
+    return frame.photometric in {RGB, PALETTE_COLOR} | YBR_CONVERTIBLE | YBR_J2K
+
+
+def unsupported(frame: DecodedFrame, sop_instance_uid: str) -> DicomDecodeError:
+    """Return the error for a frame that is neither a 2-D grayscale nor a supported colour image."""
+    return DicomDecodeError(
+        f"cannot prepare SOP instance {sop_instance_uid}: photometric interpretation "
+        f"{frame.photometric!r} is not supported (transfer syntax {_describe(frame.transfer_syntax)})",
+        details={"photometric": frame.photometric, "sop_instance_uid": sop_instance_uid},
+    )
+
+
+def preparation_failed(frame: DecodedFrame, sop_instance_uid: str, exc: Exception) -> DicomDecodeError:
+    """Wrap an unexpected failure of a value transform: a malformed LUT or window tag is the file's fault."""
+    return DicomDecodeError(
+        f"cannot prepare SOP instance {sop_instance_uid} (transfer syntax "
+        f"{_describe(frame.transfer_syntax)}): {type(exc).__name__}: {exc}",
+        details={"transfer_syntax": str(frame.transfer_syntax), "sop_instance_uid": sop_instance_uid},
+    )
+
+
+def prepare_instance(ds: Dataset, ref: InstanceRef, *, preset: str | None = None) -> PreparedImage:
+    """Turn one DICOM instance into a square 8-bit RGB picture, recording every step.
+
+    The preset (named, or chosen from the modality: CR/DX ``cxr``, CT ``ct``, MR ``mr``,
+    photographs ``color``, else ``default``) decides how grayscale values become bytes:
+    ``cxr``/``default``/``color`` use the DICOM VOI window, ``ct`` packs three HU windows into
+    R, G and B, ``mr`` maps the slice's min-max range. Colour images keep their colours (RGB kept,
+    YBR converted, PALETTE COLOR looked up) whatever the preset. Non-square pixels are resampled to
+    true proportions, then the picture is padded with black to a centred square (never stretched).
+
+    Args:
+        ds: the instance with its pixel data (as returned by a DicomSource's ``retrieve``).
+        ref: the instance's reference; its SOP instance UID is named in errors.
+        preset: a name from :data:`~agent.sources.pixel_presets.PRESETS`; None picks by modality.
+
+    Returns:
+        The picture and the steps/defaults that made it; the first step names the preset.
+
+    Raises:
+        DicomDecodeError: the pixels cannot be decoded or the photometric interpretation is not
+            supported; the message names the transfer syntax and the SOP instance UID.
+        ConfigError: ``preset`` names no known preset.
+    """
+    chosen = resolve_preset(preset, instance_modality(ds, ref))
+    frame = decode_frame(ds, ref.sop_instance_uid)
+    frame.steps.insert(0, f"preset {chosen.name}")
+    try:
+        if frame.photometric in GRAYSCALE and frame.pixels.ndim == 2:
+            if chosen.name == COLOR:
+                frame.defaults.append(f"{COLOR} preset on a {frame.photometric} image: used the VOI window")
+            values = modality_values(ds, frame)
+            if chosen.gray == "hu_windows":
+                if frame.photometric == MONOCHROME1:
+                    frame.steps.append(f"MONOCHROME1 not inverted ({chosen.name} preset maps values, not display)")
+                rgb = hu_windows_rgb(values, frame)
+            else:
+                if chosen.gray == "minmax":
+                    gray = minmax_gray(values, float(values.min()), float(values.max()), frame, "slice")
+                else:
+                    gray = _voi_to_uint8(ds, values, frame)
+                rgb = display_gray(ds, gray, frame, chosen)
+        elif is_color(frame):
+            if chosen.gray != "voi":
+                frame.defaults.append(f"{chosen.name} preset on a {frame.photometric} image: kept its colours")
+            rgb = _color_to_rgb(ds, frame)
+        else:
+            raise unsupported(frame, ref.sop_instance_uid)
+    except DicomDecodeError:
+        raise
+    except Exception as exc:
+        raise preparation_failed(frame, ref.sop_instance_uid, exc) from exc
+    return finish_image(ds, ref, rgb, frame)

@@ -274,7 +274,7 @@ async def test_otel_has_a_span_per_node_call_and_access_with_parents(tmp_path: P
     assert all(s["parentSpanId"] == root["spanId"] for s in node_spans.values())
 
     calls = {s["name"]: s for s in spans if "gen_ai.request.model" in attrs(s)}
-    assert set(calls) == {"zero_shot_classification fake-siglip", "chat scripted-reasoner"}
+    assert set(calls) == {"embeddings fake-siglip", "zero_shot_classification fake-siglip", "chat scripted-reasoner"}
     chat = calls["chat scripted-reasoner"]
     assert chat["parentSpanId"] == node_spans["reason"]["spanId"]
     assert calls["zero_shot_classification fake-siglip"]["parentSpanId"] == node_spans["image_findings"]["spanId"]

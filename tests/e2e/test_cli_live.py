@@ -96,7 +96,7 @@ def test_ask_against_live_servers_is_cited_and_fully_traced(
     assert all(e.meta["bytes"] and e.meta["transfer_syntax"] for e in dicom if e.meta["action"] == "retrieve")
 
     calls = {e.name: e for e in trace.events if e.kind == "model_call"}
-    assert set(calls) == {"medsiglip.zero_shot", "medgemma.generate"}
+    assert set(calls) == {"medsiglip.embed_images", "medsiglip.zero_shot", "medgemma.generate"}
     generate = calls["medgemma.generate"]
     assert generate.meta["backend"] == "transformers" and generate.meta["test_model"] is True
     assert generate.meta["prompt_tokens"] > 0 and generate.meta["output_tokens"] > 0
@@ -109,7 +109,7 @@ def test_ask_against_live_servers_is_cited_and_fully_traced(
         f"GET Condition?patient={CXR['patient_id']}",
         f"instance={pa['sop_instance_uid']}",
         "MODEL CALL  medgemma.generate",
-        f"PIXELS      {pa['sop_instance_uid']}: decode Explicit VR Little Endian",
+        f"PIXELS      {pa['sop_instance_uid']}: preset cxr; decode Explicit VR Little Endian",
         f"image {pa['sop_instance_uid']}: ",
         "NODE ✓      reason",
         "RUN END     status=ok",

@@ -57,7 +57,7 @@ def test_serve_answers_and_exposes_the_trace(test_models_dir: Path, tmp_path: Pa
         body = reply.json()
         assert body["status"] == "ok" and f"Patient/{CXR['patient_id']}" in body["sources"]
         trace = httpx.get(f"{base}/v1/runs/{body['run_id']}", timeout=10).json()
-        assert [e["kind"] for e in trace["events"]].count("model_call") == 2
+        assert [e["kind"] for e in trace["events"]].count("model_call") == 3  # embed, zero-shot, generate
         assert trace["run"]["trigger"] == "api"
         # bound to loopback only (the settings' default host)
         assert "127.0.0.1" in (tmp_path / "serve.log").read_text()

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
-from PIL import Image
+import torch
+from PIL import Image, ImageStat
 from pydicom.encaps import encapsulate
 
 from agent.audit.reader import load_run
@@ -29,6 +31,7 @@ from agent.errors import (
     PatientNotFoundError,
 )
 from agent.inference.factory import LoadedModels
+from agent.inference.labels import LabelSet
 from agent.inference.protocols import GenerationRequest, GenerationResult, ModelIdentity
 from agent.runner import AgentRuntime, ModelCache, run_ask
 
@@ -37,16 +40,31 @@ PATIENTS = {p["key"]: p for p in MANIFEST["patients"]}
 
 
 class FakeScorer:
-    """Deterministic scores; records what it was asked."""
+    """Deterministic embeddings (from pixel statistics) and scores; records what it was asked."""
 
     identity = ModelIdentity(model_id="fake-siglip", backend="test")
 
     def __init__(self) -> None:
         self.calls: list[tuple[list[Image.Image], list[str]]] = []
+        self.embedded: list[int] = []
+
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        self.embedded.append(len(images))
+        rows = [[float(v) + 1.0 for v in ImageStat.Stat(image.convert("RGB")).mean] + [1.0] for image in images]
+        return torch.nn.functional.normalize(torch.tensor(rows), dim=-1)
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        return torch.nn.functional.normalize(torch.ones(len(texts), 4), dim=-1)
+
+    def score_embeddings(self, image_embeddings: torch.Tensor, label_set: LabelSet) -> list[list[LabelScore]]:
+        self.calls.append(([], label_set.prompts))
+        return [
+            [LabelScore(label=label, score=0.1 * (i + 1)) for i, label in enumerate(label_set.names)]
+            for _ in range(image_embeddings.shape[0])
+        ]
 
     def zero_shot(self, images: list[Image.Image], labels: list[str]) -> list[list[LabelScore]]:
-        self.calls.append((images, labels))
-        return [[LabelScore(label=label, score=0.1 * (i + 1)) for i, label in enumerate(labels)] for _ in images]
+        raise AssertionError("the graph scores embeddings it computed once, never images again")
 
 
 class ScriptedReasoner:
@@ -111,6 +129,7 @@ async def test_cxr_patient_answer_is_cited_and_every_step_traced(tmp_path: Path)
     nodes = [e.name for e in trace.events if e.kind == "node_finished"]
     assert nodes == [
         "load_models",
+        "load_imaging_extras",
         "resolve_patient",
         "fetch_history",
         "fetch_images",
@@ -129,9 +148,10 @@ async def test_cxr_patient_answer_is_cited_and_every_step_traced(tmp_path: Path)
     ]
     assert pa["sop_instance_uid"] in retrieved
     calls = [e for e in trace.events if e.kind == "model_call"]
-    assert [c.name for c in calls] == ["medsiglip.zero_shot", "medgemma.generate"]
-    assert calls[1].meta["model_id"] == "scripted-reasoner" and calls[1].meta["prompt_tokens"] == 100
-    assert calls[1].content["output"].startswith("The patient has heart failure")
+    assert [c.name for c in calls] == ["medsiglip.embed_images", "medsiglip.zero_shot", "medgemma.generate"]
+    assert scorer.embedded == [2]  # both images embedded once, in one batch
+    assert calls[2].meta["model_id"] == "scripted-reasoner" and calls[2].meta["prompt_tokens"] == 100
+    assert calls[2].content["output"].startswith("The patient has heart failure")
     history_end = next(e for e in trace.events if e.kind == "node_finished" and e.name == "fetch_history")
     outputs = history_end.meta["outputs"]
     assert outputs["imaging_study"] == f"ImagingStudy/{current['imaging_study_id']}"

@@ -180,3 +180,60 @@ async def test_aclose_forgets_the_index(source: DicomDirSource) -> None:
     await source.list_instances(_study("ct", 0)["study_uid"])
     await source.aclose()
     assert len(await source.list_instances(_study("ct", 0)["study_uid"])) == 4
+
+
+async def test_series_descriptions_are_listed(source: DicomDirSource) -> None:
+    refs = await source.list_instances(_study("cxr", 1)["study_uid"])
+    assert [(r.view_position, r.series_description) for r in refs] == [("PA", "CHEST PA"), ("LL", "CHEST LAT")]
+
+
+async def test_search_studies_newest_first_with_their_summary(source: DicomDirSource, observer: ListObserver) -> None:
+    found = await source.search_studies()
+    expected = sorted(
+        (s for key in ("cxr", "ct") for s in _patient(key)["studies"]), key=lambda s: s["started"], reverse=True
+    )
+    assert [s.study_uid for s in found] == [s["study_uid"] for s in expected]
+    current = next(s for s in found if s.study_uid == _study("cxr", 1)["study_uid"])
+    assert current.model_dump() == {
+        "study_uid": _study("cxr", 1)["study_uid"],
+        "patient_id": _patient("cxr")["mrn"],
+        "modalities": ("DX",),
+        "study_date": "20261014",
+        "description": "XR CHEST PA AND LATERAL",
+        "number_of_instances": 2,
+    }
+    (event,) = observer.dicom
+    assert (event.backend, event.action, event.study_uid, event.error) == ("dicom-dir", "search", None, None)
+
+
+async def test_search_studies_filters(source: DicomDirSource) -> None:
+    cxr, ct = _patient("cxr"), _patient("ct")
+    by_patient = await source.search_studies(patient_id=cxr["mrn"])
+    assert {s.study_uid for s in by_patient} == {s["study_uid"] for s in cxr["studies"]}
+    assert [s.study_uid for s in await source.search_studies(patient_id=cxr["mrn"], limit=1)] == [
+        cxr["studies"][1]["study_uid"]  # the newer one
+    ]
+    assert [s.study_uid for s in await source.search_studies(modality="ct")] == [ct["studies"][0]["study_uid"]]
+    assert await source.search_studies(patient_id=ct["mrn"], modality="DX") == []
+    [one] = await source.search_studies(study_uid=cxr["studies"][0]["study_uid"])
+    assert (one.description, one.number_of_instances) == ("XR CHEST PA", 1)
+    assert await source.search_studies(patient_id="MRN-NOBODY") == []
+    with pytest.raises(ValueError, match="limit"):
+        await source.search_studies(limit=0)
+
+
+async def test_search_studies_finds_studies_added_after_the_first_scan(tmp_path: Path, observer: ListObserver) -> None:
+    root = tmp_path / "dicom"
+    shutil.copytree(DICOM_DIR / "ct-chest", root / "ct-chest")
+    source = DicomDirSource(root, observer)
+    assert await source.search_studies(patient_id=_patient("cxr")["mrn"]) == []
+    shutil.copytree(DICOM_DIR / "cxr-prior", root / "cxr-prior")
+    [found] = await source.search_studies(patient_id=_patient("cxr")["mrn"])
+    assert found.study_uid == _study("cxr", 0)["study_uid"]
+
+
+async def test_search_studies_in_a_missing_folder(tmp_path: Path, observer: ListObserver) -> None:
+    source = DicomDirSource(tmp_path / "nowhere", observer)
+    with pytest.raises(SourceUnavailableError, match="does not exist"):
+        await source.search_studies()
+    assert observer.dicom[-1].error is not None

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
+
 from agent.domain.refs import InstanceRef
-from agent.sources.imaging_selection import choose_instances, evenly_spaced
+from agent.sources.imaging_selection import choose_instances, evenly_spaced, view_from_description
 
 
-def _ref(series: str, number: int | None, view: str | None = None, modality: str | None = "DX") -> InstanceRef:
+def _ref(
+    series: str,
+    number: int | None,
+    view: str | None = None,
+    modality: str | None = "DX",
+    description: str | None = None,
+) -> InstanceRef:
     return InstanceRef(
         study_uid="1.2",
         series_uid=f"1.2.{series}",
@@ -14,6 +22,7 @@ def _ref(series: str, number: int | None, view: str | None = None, modality: str
         modality=modality,
         view_position=view,
         instance_number=number,
+        series_description=description,
     )
 
 
@@ -86,3 +95,51 @@ def test_evenly_spaced() -> None:
     assert evenly_spaced(3, 5) == [0, 1, 2]
     assert evenly_spaced(0, 3) == []
     assert evenly_spaced(5, 0) == []
+
+
+def test_series_description_decides_when_view_position_is_missing() -> None:
+    refs = [
+        _ref("lat", 1, description="CHEST LAT"),
+        _ref("none", 1),
+        _ref("ap", 1, description="Chest AP portable"),
+        _ref("frontal", 1, description="chest frontal"),
+        _ref("pa", 1, description="CHEST PA"),
+    ]
+    assert _ids(choose_instances(refs, "CR", 5)) == ["pa.1", "ap.1", "frontal.1", "none.1", "lat.1"]
+    assert _ids(choose_instances(refs, "CR", 1)) == ["pa.1"]
+
+
+def test_view_position_wins_over_the_series_description() -> None:
+    refs = [_ref("1", 1, "LL", description="CHEST PA"), _ref("2", 1, "AP", description="CHEST LATERAL")]
+    assert _ids(choose_instances(refs, "DX", 2)) == ["2.1", "1.1"]
+
+
+def test_lateral_description_goes_after_an_unlabelled_image() -> None:
+    # A typical CR export: no ViewPosition anywhere, the lateral series first.
+    refs = [_ref("lat", 1, modality="CR", description="LATERAL"), _ref("x", 1, modality="CR")]
+    assert _ids(choose_instances(refs, None, 1)) == ["x.1"]
+
+
+@pytest.mark.parametrize(
+    ("description", "view"),
+    [
+        ("CHEST PA", "PA"),
+        ("chest pa", "PA"),
+        ("XR CHEST POSTEROANTERIOR", "PA"),
+        ("CHEST AP PORTABLE", "AP"),
+        ("Chest_AP", "AP"),
+        ("AP/PA CHEST", "FRONTAL"),
+        ("FRONTAL PA", "PA"),
+        ("Frontal", "FRONTAL"),
+        ("CHEST LAT", "LATERAL"),
+        ("Lateral", "LATERAL"),
+        ("L LAT DECUB", "LATERAL"),
+        ("PA AND LATERAL", None),
+        ("PAEDIATRIC CHEST", None),
+        ("LATE PHASE", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_view_from_description(description: str | None, view: str | None) -> None:
+    assert view_from_description(description) == view

@@ -15,11 +15,12 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.pixels import apply_color_lut, get_decoder
-from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGLSLossless
+from pydicom.pixels import apply_color_lut
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from agent.domain.refs import InstanceRef
-from agent.errors import DicomDecodeError
+from agent.errors import ConfigError, DicomDecodeError
+from agent.sources.pixel_presets import PRESETS, minmax_to_uint8, pack_hu_windows, preset_for_modality
 from agent.sources.pixels import (
     MONOCHROME1,
     MONOCHROME2,
@@ -241,7 +242,8 @@ def test_ct_small_rescales_to_hounsfield_units() -> None:
     assert hu[0, 0] == -849.0
     assert frame.steps[-1] == "rescale slope=1 intercept=-1024"
 
-    result = prepare_instance(ds, _ref(ds))
+    result = prepare_instance(ds, _ref(ds), preset="default")
+    assert result.steps[0] == "preset default"
     assert result.image.size == (128, 128)
     assert result.image.mode == "RGB"
     # CT_small carries no window, so one is derived from the HU range and recorded as a default.
@@ -251,7 +253,7 @@ def test_ct_small_rescales_to_hounsfield_units() -> None:
 def test_mr_small_window_hand_computed() -> None:
     ds = _testfile("MR_small.dcm")
     assert (str(ds.WindowCenter), str(ds.WindowWidth)) == ("600", "1600")
-    out = _pixels(ds)
+    out = np.asarray(prepare_instance(ds, _ref(ds), preset="default").image)
     # c=600 w=1600, no rescale tags: raw 905 -> ((905 - 599.5) / 1599 + 0.5) * 255 = 176.2;
     # raw 182 -> ((182 - 599.5) / 1599 + 0.5) * 255 = 60.9.
     assert int(ds.pixel_array[0, 0]) == 905 and int(ds.pixel_array[32, 32]) == 182
@@ -325,20 +327,6 @@ def test_sixteen_bit_rgb_is_scaled_to_eight_bits() -> None:
     result = prepare_instance(ds, _ref(ds))
     assert "scale 16-bit samples to 8-bit" in result.steps
     assert np.asarray(result.image).dtype == np.uint8
-
-
-def test_missing_decoder_plugin_names_the_transfer_syntax() -> None:
-    ds = _testfile("MR_small_jpeg_ls_lossless.dcm")
-    if get_decoder(JPEGLSLossless).is_available:
-        pytest.skip("a JPEG-LS decoder plugin is installed here; this test needs it absent")
-    with pytest.raises(DicomDecodeError) as info:
-        prepare_instance(ds, _ref(ds))
-    message = info.value.message
-    assert "1.2.840.10008.1.2.4.80" in message
-    assert "JPEG-LS Lossless Image Compression" in message
-    assert str(ds.SOPInstanceUID) in message
-    assert "pylibjpeg" in message  # says what to install
-    assert info.value.details["transfer_syntax"] == "1.2.840.10008.1.2.4.80"
 
 
 def test_decoder_failure_is_wrapped() -> None:
@@ -416,8 +404,8 @@ def test_fixture_cxr_prior_and_current_show_the_same_way_up() -> None:
 
 def test_fixture_ct_slice_without_window_uses_a_recorded_default() -> None:
     (files,) = _manifest_files("ct")
-    with_window = prepare_instance(ds := pydicom.dcmread(FIXTURES / files[0]), _ref(ds))
-    without = prepare_instance(ds := pydicom.dcmread(FIXTURES / files[3]), _ref(ds))
+    with_window = prepare_instance(ds := pydicom.dcmread(FIXTURES / files[0]), _ref(ds), preset="default")
+    without = prepare_instance(ds := pydicom.dcmread(FIXTURES / files[3]), _ref(ds), preset="default")
     assert "window c=-600 w=1500" in with_window.steps
     assert "rescale slope=1 intercept=-1024" in with_window.steps
     assert any(d.startswith("no VOI window") for d in without.defaults)
@@ -430,3 +418,153 @@ def test_decoded_frame_reports_the_transfer_syntax() -> None:
     assert frame.transfer_syntax == ExplicitVRLittleEndian
     assert frame.number_of_frames == 1 and frame.frame_index == 0
     assert frame.pixels.dtype == np.int16
+
+
+# --- named presets -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("modality", "preset"),
+    [
+        ("CR", "cxr"),
+        ("dx", "cxr"),
+        ("CT", "ct"),
+        ("MR", "mr"),
+        ("XC", "color"),
+        ("SM", "color"),
+        ("OP", "color"),
+        ("US", "default"),
+        ("", "default"),
+        (None, "default"),
+    ],
+)
+def test_preset_for_modality(modality: str | None, preset: str) -> None:
+    assert preset_for_modality(modality) == preset
+    assert preset in PRESETS
+
+
+def test_pack_hu_windows_hand_computed() -> None:
+    hu = np.array([[-2000.0, -1024.0, 0.0, 40.0, 80.0, 215.0, 1024.0, 3000.0]])
+    rgb = pack_hu_windows(hu)
+    # R: (hu + 1024) / 2048 * 255; G: (hu + 135) / 350 * 255; B: hu / 80 * 255; clipped, rounded.
+    assert rgb[0, :, 0].tolist() == [0, 0, 128, 132, 137, 154, 255, 255]  # 1024/2048*255 = 127.5 -> 128
+    assert rgb[0, :, 1].tolist() == [0, 0, 98, 128, 157, 255, 255, 255]  # 135/350*255 = 98.36
+    assert rgb[0, :, 2].tolist() == [0, 0, 0, 128, 255, 255, 255, 255]
+    assert rgb.dtype == np.uint8 and rgb.shape == (1, 8, 3)
+
+
+def test_minmax_to_uint8_and_flat_range() -> None:
+    assert minmax_to_uint8(np.array([10.0, 20.0, 30.0]), 10.0, 30.0).tolist() == [0, 128, 255]
+    assert minmax_to_uint8(np.array([5.0, 5.0]), 5.0, 5.0).tolist() == [0, 0]
+
+
+def test_ct_preset_packs_hu_windows_into_rgb() -> None:
+    # Stored 1064 with intercept -1024 is 40 HU: R = round(1064 / 2048 * 255) = 132,
+    # G = round(175 / 350 * 255) = 128 (127.5, to even), B = round(40 / 80 * 255) = 128.
+    ds = _tiny([[1064, 0], [1024, 1239]], Modality="CT", RescaleSlope=1, RescaleIntercept=-1024)
+    ds.WindowCenter, ds.WindowWidth = 40, 400  # ignored by the CT preset
+    result = prepare_instance(ds, _ref(ds))
+    out = np.asarray(result.image)
+    assert result.steps[0] == "preset ct"
+    assert out[0, 0].tolist() == [132, 128, 128]
+    assert out[0, 1].tolist() == [0, 0, 0]  # -1024 HU: air
+    assert out[1, 0].tolist() == [128, 98, 0]  # 0 HU: water
+    assert out[1, 1].tolist() == [154, 255, 255]  # 215 HU: R = round(1239 / 2048 * 255) = 154
+    assert "HU windows to RGB: R=-1024..1024 G=-135..215 B=0..80" in result.steps
+    assert not any(step.startswith("window c=") for step in result.steps)
+
+
+def test_ct_preset_does_not_invert_monochrome1() -> None:
+    ds = _tiny([[1064, 0]], MONOCHROME1, Modality="CT", RescaleSlope=1, RescaleIntercept=-1024)
+    result = prepare_instance(ds, _ref(ds))
+    assert np.asarray(result.image)[0, 0].tolist() == [132, 128, 128]
+    assert "invert MONOCHROME1" not in result.steps
+
+
+def test_mr_preset_maps_the_slice_range() -> None:
+    # min 100 -> 0, max 300 -> 255, 150 -> 50 / 200 * 255 = 63.75 -> 64; the window tags are not used.
+    ds = _tiny([[100, 150], [300, 200]], Modality="MR", WindowCenter=600, WindowWidth=1600)
+    result = prepare_instance(ds, _ref(ds))
+    assert np.asarray(result.image)[..., 0].tolist() == [[0, 64], [255, 128]]
+    assert result.steps[0] == "preset mr"
+    assert "min-max over the slice: 100..300 to 0..255" in result.steps
+
+
+def test_cxr_preset_windows_inverts_and_pads() -> None:
+    ds = _tiny([[0, 100, 200, 300]], MONOCHROME1, Modality="DX", WindowCenter=150, WindowWidth=201)
+    result = prepare_instance(ds, _ref(ds))
+    assert result.steps[0] == "preset cxr"
+    assert np.asarray(result.image)[1, :, 0].tolist() == [255, 191, 63, 0]
+    assert result.image.size == (4, 4)
+
+
+def test_explicit_preset_overrides_the_modality() -> None:
+    ds = _tiny([[100, 150], [300, 200]], Modality="CT", WindowCenter=150, WindowWidth=201)
+    result = prepare_instance(ds, _ref(ds), preset="mr")
+    assert result.steps[0] == "preset mr"
+    with pytest.raises(ConfigError, match="unknown pixel preset 'bone'"):
+        prepare_instance(ds, _ref(ds), preset="bone")
+
+
+def test_modality_from_the_reference_when_the_tag_is_missing() -> None:
+    ds = _tiny([[100, 150], [300, 200]])
+    ref = _ref(ds).model_copy(update={"modality": "MR"})
+    assert prepare_instance(ds, ref).steps[0] == "preset mr"
+
+
+def test_color_preset_keeps_colours_and_records_a_gray_image() -> None:
+    rgb = _testfile("examples_rgb_color.dcm")
+    rgb.Modality = "XC"
+    result = prepare_instance(rgb, _ref(rgb))
+    assert result.steps[0] == "preset color"
+    assert (np.asarray(result.image)[40:280] == rgb.pixel_array).all()
+    gray = _tiny([[0, 1]], Modality="XC")
+    assert any(d.startswith("color preset on a MONOCHROME2 image") for d in prepare_instance(gray, _ref(gray)).defaults)
+
+
+def test_ct_preset_on_a_colour_capture_keeps_colours() -> None:
+    rgb = _testfile("examples_rgb_color.dcm")
+    rgb.Modality = "CT"
+    result = prepare_instance(rgb, _ref(rgb))
+    assert "ct preset on a RGB image: kept its colours" in result.defaults
+    assert (np.asarray(result.image)[40:280] == rgb.pixel_array).all()
+
+
+def test_missing_pixel_spacing_is_a_recorded_default() -> None:
+    ds = _tiny([[0, 1], [2, 3]])
+    assert "PixelSpacing missing: assumed square pixels" in prepare_instance(ds, _ref(ds)).defaults
+    ds.PixelSpacing = [0.5, 0.5]
+    assert "PixelSpacing missing: assumed square pixels" not in prepare_instance(ds, _ref(ds)).defaults
+    cr = _tiny([[0, 1], [2, 3]], ImagerPixelSpacing=[0.2, 0.2])
+    assert "PixelSpacing missing: assumed square pixels" not in prepare_instance(cr, _ref(cr)).defaults
+
+
+def test_non_square_pixels_are_resampled_to_true_proportions() -> None:
+    # 2 rows x 4 columns of 1.0 x 0.5 mm pixels is 2 mm x 2 mm: resampled to 4 x 4, no padding.
+    ds = _tiny([[0, 100, 200, 300], [300, 200, 100, 0]], WindowCenter=150, WindowWidth=201)
+    ds.PixelSpacing = [1.0, 0.5]
+    result = prepare_instance(ds, _ref(ds))
+    assert "resample 2x4 to 4x4 for pixel spacing 1x0.5 mm" in result.steps
+    assert not any(step.startswith("pad") for step in result.steps)
+    out = np.asarray(result.image)[..., 0]
+    assert out.shape == (4, 4)
+    assert out[0].tolist() == [0, 64, 192, 255] and out[3].tolist() == [255, 192, 64, 0]
+
+
+def test_missing_file_meta_and_window_on_a_real_file_are_recorded() -> None:
+    ds = _testfile("MR_small.dcm")
+    del ds.WindowCenter
+    del ds.WindowWidth
+    ds.file_meta = FileMetaDataset()
+    result = prepare_instance(ds, _ref(ds), preset="default")
+    assert "transfer syntax missing: assumed Explicit VR Little Endian" in result.defaults
+    assert any(d.startswith("no VOI window: used pixel range") for d in result.defaults)
+    assert result.image.size == (64, 64)
+
+
+def test_odd_bits_stored_within_range_masks_the_high_bits() -> None:
+    # BitsStored 12 of 16: bits above bit 11 are not part of the value; 0xF064 reads as 0x064 = 100.
+    ds = _tiny([[0xF064, 0]], BitsStored=12, HighBit=11, Modality="MR")
+    frame = decode_frame(ds)
+    assert frame.pixels.tolist() == [[100, 0]]
+    assert frame.bits_stored == 12
