@@ -393,12 +393,13 @@ class _Exporter:
         outcome = _outcome(meta.get("status"), meta.get("error"))
         entities = self.patient_entity()
         if meta.get("action") == "search":
-            query = f"StudyInstanceUID={meta.get('study_uid') or ''}"
+            # A study search (QIDO-RS /studies) has no study UID; an instance search names its study.
+            query = f"StudyInstanceUID={meta['study_uid']}" if meta.get("study_uid") else "study search"
             entities.append(
                 {
                     "type": _coding(ENTITY_TYPE, "2", "System Object"),
                     "role": _coding(OBJECT_ROLE, "24", "Query"),
-                    "description": f"search instances ({backend}): {query}",
+                    "description": f"search ({backend}): {query}",
                     "query": base64.b64encode(query.encode()).decode("ascii"),
                 }
             )

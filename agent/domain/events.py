@@ -27,7 +27,10 @@ class DicomRetrievalEvent(BaseModel):
     """One DICOM retrieval or search: a QIDO/WADO request, or a file read."""
 
     backend: str = Field(description="'dicomweb' or 'dicom-dir'")
-    action: str = Field(description="'search' (QIDO-RS / folder scan) or 'retrieve' (WADO-RS / file read)")
+    action: str = Field(
+        description="'search' (QIDO-RS / folder scan), 'retrieve' (WADO-RS / file read), 'metadata' or 'frames'"
+    )
+    server: str | None = Field(None, description="DICOMweb origin contacted (scheme://host:port), never credentials")
     study_uid: str | None = None
     series_uid: str | None = None
     sop_instance_uid: str | None = None

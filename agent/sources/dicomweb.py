@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from email.message import Message
 from io import BytesIO
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import httpx
 import pydicom
@@ -254,6 +255,9 @@ class DicomWebSource:
         client: httpx.AsyncClient | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        # Scheme, host and port only, for the trace: enough to tell servers apart, never user info.
+        split = urlsplit(self.base_url)
+        self._origin = f"{split.scheme}://{split.hostname}" + (f":{split.port}" if split.port else "")
         self._observer = observer
         self._timeout_s = timeout_s
         self._headers, self._auth = http_auth(username, password, bearer_token)
@@ -745,6 +749,7 @@ class DicomWebSource:
         self._observer.dicom_retrieval(
             DicomRetrievalEvent(
                 backend=self.backend,
+                server=self._origin,
                 action=event.action,
                 study_uid=event.study_uid,
                 series_uid=event.series_uid,
