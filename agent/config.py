@@ -106,6 +106,15 @@ class ModelSettings(BaseModel):
     context_token_budget: int = Field(
         3000, ge=200, description="Upper bound on the patient record's size in the prompt (tokens, estimated)."
     )
+    backend: Literal["local", "remote"] = Field(
+        "local", description="MedGemma in-process (transformers) or behind an OpenAI-compatible chat endpoint."
+    )
+    remote_url: str | None = Field(None, description="OpenAI-compatible API root, e.g. http://127.0.0.1:8001/v1.")
+    remote_model: str | None = Field(None, description="Model name the remote server serves (request's `model`).")
+    remote_api_key: SecretStr | None = Field(None, description="Bearer key for the remote endpoint.")
+    remote_timeout_s: float = Field(120.0, gt=0, description="Per-call timeout of the remote endpoint.")
+    remote_max_retries: int = Field(3, ge=0, le=10, description="Retries on 429/5xx/connection errors.")
+    call_timeout_s: float = Field(600.0, gt=0, description="Upper bound on any one model call (both backends).")
     reasoner_max_images: int = Field(
         1, ge=0, le=8, description="Images sent to MedGemma (frontal first); each costs ~9 s on a 2-core CPU."
     )
