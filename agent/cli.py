@@ -223,6 +223,9 @@ def ask(
     role: Annotated[str, typer.Option(help="The asker's role; recorded.")] = "clinician",
     purpose: Annotated[str, typer.Option(help="Purpose of use (HL7 v3 code, e.g. TREAT); recorded.")] = "TREAT",
     as_json: JsonOpt = False,
+    stream: Annotated[
+        bool, typer.Option("--stream", help="Print progress and the answer's tokens as they come (stderr/stdout).")
+    ] = False,
 ) -> None:
     """Answer a question about one patient; print answer, sources, citations and run id."""
     try:
@@ -239,7 +242,60 @@ def ask(
         _fail(exc, as_json=as_json)
         return
     who = Who(user_id=user or _default_who()["user_id"], user_role=role, purpose_of_use=purpose)
+    if stream and not as_json:
+        _ask_streaming(settings, patient, question, when, who)
+        return
     _ask(settings, patient, question, when, as_json, who)
+
+
+def _ask_streaming(settings: Settings, patient_id: str, question: str, as_of: datetime | None, who: Who) -> None:
+    """Run ``ask`` printing node progress (stderr) and answer tokens (stdout) as they come, then the result.
+
+    Tokens are the model's raw text; the checked answer (dangling citations removed) follows them.
+    """
+    from transformers.utils import logging as hf_logging
+
+    from agent.runner import AgentRuntime
+    from agent.streaming import stream_ask
+
+    hf_logging.disable_progress_bar()
+    runtime = AgentRuntime(settings=settings)
+
+    async def consume() -> dict[str, Any] | None:
+        async for event in stream_ask(runtime, patient_id=patient_id, question=question, as_of=as_of, **who):
+            if event.type == "progress" and event.status in ("started", "failed"):
+                typer.echo(f"[{event.node} {event.status}]", err=True)
+            elif event.type == "token":
+                typer.echo(event.text or "", nl=False)
+            elif event.type == "final":
+                typer.echo("")
+                return event.data
+            elif event.type == "error":
+                raise _StreamFailed(event.data)
+        return None
+
+    try:
+        data = asyncio.run(consume())
+    except _StreamFailed as failed:
+        typer.echo(f"error [{failed.data.get('code')}]: {failed.data.get('message')}", err=True)
+        run_id = (failed.data.get("details") or {}).get("run_id")
+        if run_id:
+            typer.echo(f"run id: {run_id}", err=True)
+        raise typer.Exit(int(failed.data.get("exit_code") or 1)) from None
+    if data is not None:
+        from agent.domain.answer import AskResult
+
+        loaded, _ = runtime.models.get(settings)
+        result = AskResult.model_validate(data)
+        _print_result(result, banner=_test_model_banner(result, loaded.banner))
+
+
+class _StreamFailed(Exception):
+    """A streamed run ended with an error event (already recorded in the trace)."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        super().__init__(data.get("code"))
+        self.data = data
 
 
 @app.command()

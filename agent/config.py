@@ -175,6 +175,46 @@ class AuditSettings(BaseModel):
 
 Role = Literal["clinician", "auditor", "admin", "service"]
 
+#: Record types holding clinical content (everything but the Patient itself and imaging metadata).
+CLINICAL_TYPES = [
+    "Condition",
+    "Observation",
+    "MedicationRequest",
+    "AllergyIntolerance",
+    "Encounter",
+    "DiagnosticReport",
+    "DocumentReference",
+]
+
+
+class AgentSettings(BaseModel):
+    """How the ask graph plans, limits and remembers runs."""
+
+    planner: Literal["model", "terms"] = Field(
+        "terms",
+        description="'model': MedGemma plans from a manifest of the record (one call, one repair, then terms); "
+        "'terms': the plan comes from the question's terms, with no model call.",
+    )
+    fetch: Literal["plan", "all"] = Field(
+        "all", description="'plan': fetch only the plan's record types; 'all': every history type."
+    )
+    images: Literal["plan", "always"] = Field(
+        "always",
+        description="'plan': retrieve images only when the plan needs them; "
+        "'always': whenever the patient has a study.",
+    )
+    max_steps: int = Field(25, ge=1, le=1000, description="Graph steps a run may take (LangGraph recursion limit).")
+    checkpointer_url: SecretStr | None = Field(
+        None,
+        description="Where conversation threads are kept: a SQLite path or sqlite:/// URL (default "
+        ".medagent/threads.db), or a postgresql:// URL for the service; secret as it may hold a password.",
+    )
+    restricted_types: dict[str, list[str]] = Field(
+        default_factory=lambda: {"auditor": list(CLINICAL_TYPES)},
+        description="Role -> record types it may not read without confirming a purpose; the graph asks first.",
+    )
+    thread_turns: int = Field(3, ge=0, le=20, description="Earlier turns of a thread put in the prompt.")
+
 
 class ApiKeySpec(BaseModel):
     """One API key: only its SHA-256 is configured, never the key itself."""
@@ -215,6 +255,7 @@ class Settings(BaseSettings):
     db: DbSettings = Field(default_factory=DbSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
+    agent: AgentSettings = Field(default_factory=AgentSettings)
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:

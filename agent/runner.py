@@ -2,7 +2,8 @@
 
 This is the single entry point the CLI, the demo and the API share. The trace is opened first
 and fails closed: if it cannot be written, nothing is read from any source. Whatever happens
-afterwards, the run ends with a ``run_finished`` record (ok, failed or cancelled) naming the
+afterwards, the run ends with a ``run_finished`` record (ok, failed, cancelled, or interrupted
+when a run in a thread waits for the user's answer) naming the
 failing step and error code, and the error is re-raised for the caller to map (exit code, HTTP
 status) with ``details["run_id"]`` set.
 """
@@ -13,14 +14,23 @@ import asyncio
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from langgraph.errors import GraphRecursionError
+from langgraph.types import Command
+from pydantic import Field
 
 from agent.audit.recorder import MODEL_LOAD, TraceRecorder, settings_fingerprint
 from agent.domain.answer import AskResult
+from agent.domain.plan import Plan
 from agent.errors import InternalError, MedagentError, RunCancelledError
 from agent.graph.builder import build_ask_graph
-from agent.graph.state import RunContext
+from agent.graph.events import StreamEvent
+from agent.graph.limits import StepLimitError
+from agent.graph.state import TURN_DEFAULTS, RunContext
+from agent.graph.threads import open_checkpointer
 from agent.inference.labels import LABEL_SETS_BY_MODALITY
 from agent.runtime import AgentRuntime, ModelCache
 from agent.sources.factory import make_dicom_source, make_fhir_source
@@ -28,9 +38,18 @@ from agent.sources.factory import make_dicom_source, make_fhir_source
 if TYPE_CHECKING:
     from agent.inference.factory import LoadedModels
 
-__all__ = ["AgentRuntime", "ModelCache", "run_ask"]
+__all__ = ["AgentRuntime", "ModelCache", "ThreadedAskResult", "resume_ask", "run_ask"]
 
 log = logging.getLogger(__name__)
+
+
+class ThreadedAskResult(AskResult):
+    """The outcome of a run in a thread: an answer, or a question for the user (``status="interrupted"``)."""
+
+    thread_id: str
+    interrupt: dict[str, Any] | None = Field(
+        None, description="When interrupted: what the graph asks (kind, question, candidates or types)"
+    )
 
 
 async def run_ask(
@@ -44,26 +63,93 @@ async def run_ask(
     purpose_of_use: str | None = None,
     thread_id: str | None = None,
     as_of: datetime | None = None,
+    plan: Plan | None = None,
+    listener: Callable[[StreamEvent], None] | None = None,
 ) -> AskResult:
     """Answer a question about a patient, recording every step.
+
+    Args:
+        thread_id: continue (or start) a conversation: the graph runs on the configured
+            checkpointer, the prompt includes the thread's earlier turns, and ambiguity or a
+            restricted record type interrupts with a question (see :func:`resume_ask`) instead of
+            failing. The result is then a :class:`ThreadedAskResult`.
+        plan: use this plan (recorded as given; no planner call): benchmarks and evaluation.
+        listener: receives stream events (progress, tokens, findings, citations); it may be
+            called from a worker thread.
 
     Raises:
         MedagentError: any failure, after it has been recorded; ``details["run_id"]`` names the run
             (absent only when the trace itself could not be opened).
     """
+    graph_input: dict[str, Any] = {**TURN_DEFAULTS, "patient_id": patient_id, "question": question, "plan": plan}
+    return await _execute(
+        runtime,
+        graph_input,
+        patient_ref=patient_reference(patient_id),
+        request={"question": question, "patient_id": patient_id},
+        who={"user_id": user_id, "user_role": user_role, "purpose_of_use": purpose_of_use},
+        trigger=trigger,
+        thread_id=thread_id,
+        as_of=as_of,
+        listener=listener,
+    )
+
+
+async def resume_ask(
+    runtime: AgentRuntime,
+    *,
+    thread_id: str,
+    resume: Any,
+    trigger: str = "resume",
+    user_id: str | None = None,
+    user_role: str | None = None,
+    purpose_of_use: str | None = None,
+    as_of: datetime | None = None,
+    listener: Callable[[StreamEvent], None] | None = None,
+) -> AskResult:
+    """Answer the question an interrupted run of a thread asked, and let the run go on.
+
+    The resumed run is a new run in the trace, linked to the interrupted one by ``thread_id``
+    (each run has exactly one ``run_finished``: the first ``interrupted``, this one its own
+    outcome). ``resume`` is ``{"patient_id": ...}`` for an ambiguous patient, or
+    ``{"confirm": bool, "purpose": "..."}`` for restricted record types.
+    """
+    return await _execute(
+        runtime,
+        Command(resume=resume),
+        patient_ref=None,
+        request={"resume": resume},
+        who={"user_id": user_id, "user_role": user_role, "purpose_of_use": purpose_of_use},
+        trigger=trigger,
+        thread_id=thread_id,
+        as_of=as_of,
+        listener=listener,
+    )
+
+
+async def _execute(
+    runtime: AgentRuntime,
+    graph_input: Any,
+    *,
+    patient_ref: str | None,
+    request: dict[str, Any],
+    who: dict[str, str | None],
+    trigger: str,
+    thread_id: str | None,
+    as_of: datetime | None,
+    listener: Callable[[StreamEvent], None] | None,
+) -> AskResult:
     settings = runtime.settings
     runtime.ensure_schema()
     recorder = runtime.new_recorder()
     recorder.start_run(
         kind="ask",
         trigger=trigger,
-        patient_ref=patient_reference(patient_id),
+        patient_ref=patient_ref,
         settings_fingerprint=settings_fingerprint(settings.masked()),
-        user_id=user_id,
-        user_role=user_role,
-        purpose_of_use=purpose_of_use,
         thread_id=thread_id,
-        request={"question": question, "patient_id": patient_id},
+        request=request,
+        **who,
     )
     fhir = make_fhir_source(settings.fhir, recorder)
     dicom = make_dicom_source(settings.dicom, recorder)
@@ -84,13 +170,33 @@ async def run_ask(
             classifier=extras.classifier,
             image_index=extras.index,
             image_index_problem=extras.index_problem,
+            user_role=who.get("user_role"),
+            interactive=thread_id is not None,
+            listener=listener,
         )
-        if runtime.graph is None:
-            runtime.graph = build_ask_graph()
-        state = await runtime.graph.ainvoke({"patient_id": patient_id, "question": question}, context=context)
+        config: dict[str, Any] = {"recursion_limit": settings.agent.max_steps}
+        if thread_id is None:
+            if runtime.graph is None:
+                runtime.graph = build_ask_graph()
+            state = await _invoke(runtime.graph, graph_input, context, config)
+        else:
+            config["configurable"] = {"thread_id": thread_id}
+            async with open_checkpointer(settings.agent) as checkpointer:
+                state = await _invoke(build_ask_graph(checkpointer), graph_input, context, config)
         recorder.current_node = None
+        pending = state.get("__interrupt__")
+        if pending:
+            value = pending[0].value
+            recorder.finish_run("interrupted", reason=f"waiting for the user: {value.get('kind', 'question')}")
+            return ThreadedAskResult(
+                run_id=recorder.run_id,
+                status="interrupted",
+                thread_id=str(thread_id),
+                interrupt=value,
+                models=_models(loaded),
+            )
         recorder.finish_run("ok")
-        return AskResult(
+        result = AskResult(
             run_id=recorder.run_id,
             status="ok",
             answer=state.get("answer", ""),
@@ -98,10 +204,14 @@ async def run_ask(
             citations=state.get("citations", []),
             findings=[f.model_dump(mode="json") for f in state.get("findings", [])],
             similar_cases=[c.model_dump(mode="json") for c in state.get("similar_cases", [])],
-            models={"reasoner": loaded.reasoner.identity.model_id, "scorer": loaded.scorer.identity.model_id},
+            models=_models(loaded),
             test_models=loaded.used_test_models,
-            warnings=[f"image skipped: {e['message']}" for e in state.get("image_errors", [])],
+            warnings=[f"image skipped: {e['message']}" for e in state.get("image_errors", [])]
+            + [f"not read (role): {kind}" for kind in state.get("denied_types", [])],
         )
+        if thread_id is not None:
+            return ThreadedAskResult(**result.model_dump(), thread_id=thread_id)
+        return result
     except MedagentError as exc:
         _finish_failed(recorder, exc)
         raise
@@ -125,6 +235,22 @@ async def run_ask(
         await dicom.aclose()
         if settings.audit.otlp_endpoint and recorder.finished_status is not None:
             await asyncio.to_thread(_send_spans, runtime, recorder.run_id, settings.audit.otlp_endpoint)
+
+
+async def _invoke(graph: Any, graph_input: Any, context: RunContext, config: dict[str, Any]) -> dict[str, Any]:
+    """Run the graph; a run past its step budget fails with :class:`StepLimitError`."""
+    try:
+        state: dict[str, Any] = await graph.ainvoke(graph_input, config=config, context=context)
+    except GraphRecursionError as exc:
+        limit = config["recursion_limit"]
+        raise StepLimitError(
+            f"the run took more than {limit} steps (agent.max_steps)", details={"max_steps": limit}
+        ) from exc
+    return state
+
+
+def _models(loaded: LoadedModels) -> dict[str, str]:
+    return {"reasoner": loaded.reasoner.identity.model_id, "scorer": loaded.scorer.identity.model_id}
 
 
 def _send_spans(runtime: AgentRuntime, run_id: str, endpoint: str) -> None:

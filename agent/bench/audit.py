@@ -17,7 +17,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,7 +37,7 @@ from agent.config import DEFAULT_FIXTURES, get_settings
 from agent.domain.imaging import LabelScore
 from agent.inference.factory import LoadedModels
 from agent.inference.labels import LabelSet
-from agent.inference.protocols import GenerationRequest, GenerationResult, ModelIdentity
+from agent.inference.protocols import GenerationRequest, GenerationResult, GenerationStream, ModelIdentity
 from agent.runner import AgentRuntime, ModelCache, run_ask
 
 SIGNER = HmacSigner(b"benchmark-key-0123456789abcdef!!")
@@ -64,6 +64,15 @@ class _FastReasoner:
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         return GenerationResult(text="Stable.", prompt_tokens=len(request.user_text) // 4, output_tokens=2, latency_s=0)
+
+    def stream(self, request: GenerationRequest) -> GenerationStream:
+        result = self.generate(request)
+
+        def chunks() -> Generator[str, None, GenerationResult]:
+            yield result.text
+            return result
+
+        return GenerationStream(chunks())
 
 
 class _NullRecorder(TraceRecorder):

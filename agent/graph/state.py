@@ -7,15 +7,19 @@ context), never through imports, so the same graph runs on any source or model b
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypedDict
+from typing import Annotated, Any, TypedDict
 
 from agent.audit.recorder import TraceRecorder
 from agent.config import Settings
 from agent.domain.answer import Citation
 from agent.domain.imaging import Finding, PreparedImage
+from agent.domain.plan import Plan
 from agent.domain.similar import SimilarCase
+from agent.graph.events import StreamEvent
 from agent.inference.labels import LabelSet
 from agent.inference.protocols import ImageScorer, Reasoner
 from agent.sources.protocols import DicomSource, FhirSource
@@ -33,17 +37,37 @@ HISTORY_TYPES: tuple[str, ...] = (
 )
 
 
+class Turn(TypedDict):
+    """One finished turn of a thread, as later turns see it: compact, never raw chat."""
+
+    question: str
+    answer: str
+    cited: list[str]
+
+
 class AskState(TypedDict, total=False):
-    """What flows between nodes of the ask graph."""
+    """What flows between nodes of the ask graph (and, in a thread, what the checkpointer keeps).
+
+    Images are not state: they are large, not serialisable, and used within the run that
+    prepared them, so they live in :attr:`RunContext.images`.
+    """
 
     question: str
     patient_id: str
     patient: dict[str, Any]
+    #: what to fetch; given by the caller, or made by the plan node
+    plan: Plan | None
+    #: the record as fetched for the planner's manifest, reused by the fetch step
+    prefetched: list[dict[str, Any]] | None
+    #: record types the plan wanted but the user's role may not read (dropped)
+    denied_types: list[str]
     resources: list[dict[str, Any]]
     context_text: str
     sources: list[str]
     imaging_study: dict[str, Any] | None
-    images: list[PreparedImage]
+    prior_study: dict[str, Any] | None
+    #: whether the current study gave images (they are in RunContext.images)
+    images_ready: bool
     image_errors: list[dict[str, Any]]
     findings: list[Finding]
     similar_cases: list[SimilarCase]
@@ -51,6 +75,31 @@ class AskState(TypedDict, total=False):
     answer: str
     citations: list[Citation]
     dangling: list[str]
+    uncited_sentences: int
+    #: the thread's finished turns (appended by each run's last node)
+    turns: Annotated[list[Turn], operator.add]
+
+
+#: Per-turn keys a new turn of a thread starts afresh (the checkpointer would carry them over).
+TURN_DEFAULTS: dict[str, Any] = {
+    "plan": None,
+    "prefetched": None,
+    "denied_types": [],
+    "resources": [],
+    "context_text": "",
+    "sources": [],
+    "imaging_study": None,
+    "prior_study": None,
+    "images_ready": False,
+    "image_errors": [],
+    "findings": [],
+    "similar_cases": [],
+    "raw_answer": "",
+    "answer": "",
+    "citations": [],
+    "dangling": [],
+    "uncited_sentences": 0,
+}
 
 
 @dataclass
@@ -74,3 +123,16 @@ class RunContext:
     image_index: Any | None = None
     #: why there is no similar-case index this run (recorded in the trace), when there is none
     image_index_problem: str | None = None
+    #: the prepared images of this run by role ("current", "prior"); never checkpointed
+    images: dict[str, list[PreparedImage]] = field(default_factory=dict)
+    #: the asker's role, for the access policy (``agent.restricted_types``)
+    user_role: str | None = None
+    #: whether a person can answer questions (a thread): ambiguity interrupts instead of failing
+    interactive: bool = False
+    #: where stream events go (progress, tokens, ...); None when nobody listens
+    listener: Callable[[StreamEvent], None] | None = None
+
+    def emit(self, event: StreamEvent) -> None:
+        """Send an event to the listener, if there is one."""
+        if self.listener is not None:
+            self.listener(event)

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from agent.config import ModelSettings
-from agent.errors import ModelUnavailableError
+from agent.errors import ConfigError, ModelUnavailableError
 from agent.inference.loading import resolve_model_path, select_device, select_dtype
 from agent.inference.medgemma import MedGemma
 from agent.inference.medsiglip import MedSigLIP
 from agent.inference.protocols import ImageScorer, Reasoner
+from agent.inference.remote_medgemma import RemoteMedGemma
 from agent.inference.tiny_models import ensure_test_models
 
 TINY_MEDSIGLIP_ID = "tiny-random-medsiglip (test model)"
@@ -59,8 +60,17 @@ def load_models(settings: ModelSettings) -> LoadedModels:
     """
     device = select_device(settings.device)
     dtype = select_dtype(settings.dtype, device)
+    if settings.backend == "remote":
+        # Checked before any weights load, so a missing setting fails in a second, not a minute.
+        remote = build_remote_reasoner(settings)
+        image_model = load_image_model(settings)
+        used_test = image_model.identity.test_model
+        banner = _remote_banner(settings) if used_test else None
+        return LoadedModels(scorer=image_model, reasoner=remote, used_test_models=used_test, banner=banner)
     if settings.use_test_models:
-        return _load_test_models(settings.test_models_dir, device=device, dtype=dtype, banner=None)
+        return _load_test_models(
+            settings.test_models_dir, device=device, dtype=dtype, banner=None, call_timeout_s=settings.call_timeout_s
+        )
 
     missing: list[ModelUnavailableError] = []
     paths: dict[str, Path] = {}
@@ -78,16 +88,56 @@ def load_models(settings: ModelSettings) -> LoadedModels:
         tried = [settings.medsiglip, settings.medgemma]
         not_found = [str(exc.details.get("model", "?")) for exc in missing]
         return _load_test_models(
-            settings.test_models_dir, device=device, dtype=dtype, banner=_fallback_banner(tried, not_found)
+            settings.test_models_dir,
+            device=device,
+            dtype=dtype,
+            banner=_fallback_banner(tried, not_found),
+            call_timeout_s=settings.call_timeout_s,
         )
 
     scorer = MedSigLIP.load(
         paths["medsiglip"], model_id=settings.medsiglip, device=device, dtype=dtype, test_model=False
     )
     reasoner = MedGemma.load(
-        paths["medgemma"], model_id=settings.medgemma, device=device, dtype=dtype, test_model=False
+        paths["medgemma"],
+        model_id=settings.medgemma,
+        device=device,
+        dtype=dtype,
+        test_model=False,
+        call_timeout_s=settings.call_timeout_s,
     )
     return LoadedModels(scorer=scorer, reasoner=reasoner, used_test_models=False)
+
+
+def build_remote_reasoner(settings: ModelSettings) -> RemoteMedGemma:
+    """Return the OpenAI-compatible MedGemma client the settings describe (nothing is sent yet).
+
+    Raises:
+        ConfigError: when ``remote_url`` or ``remote_model`` is missing, or the URL is unusable.
+    """
+    missing = [
+        env
+        for env, value in (
+            ("MEDAGENT_MODELS__REMOTE_URL", settings.remote_url),
+            ("MEDAGENT_MODELS__REMOTE_MODEL", settings.remote_model),
+        )
+        if not (value and value.strip())
+    ]
+    if missing or settings.remote_url is None or settings.remote_model is None:
+        raise ConfigError(
+            f"MEDAGENT_MODELS__BACKEND=remote needs {' and '.join(missing)}: the OpenAI API root of the "
+            "MedGemma server (e.g. http://127.0.0.1:8001/v1) and the model name it serves",
+            details={"missing": missing},
+        )
+    key = settings.remote_api_key.get_secret_value() if settings.remote_api_key is not None else None
+    return RemoteMedGemma(
+        settings.remote_url,
+        settings.remote_model,
+        api_key=key,
+        timeout_s=settings.remote_timeout_s,
+        max_retries=settings.remote_max_retries,
+        call_timeout_s=settings.call_timeout_s,
+    )
 
 
 def load_image_model(settings: ModelSettings) -> MedSigLIP:
@@ -114,7 +164,9 @@ def load_image_model(settings: ModelSettings) -> MedSigLIP:
     )
 
 
-def _load_test_models(base_dir: Path, *, device: str, dtype: torch.dtype, banner: str | None) -> LoadedModels:
+def _load_test_models(
+    base_dir: Path, *, device: str, dtype: torch.dtype, banner: str | None, call_timeout_s: float | None = None
+) -> LoadedModels:
     medsiglip_dir, medgemma_dir = ensure_test_models(base_dir)
     scorer = MedSigLIP.load(
         medsiglip_dir,
@@ -129,8 +181,16 @@ def _load_test_models(base_dir: Path, *, device: str, dtype: torch.dtype, banner
         device=device,
         dtype=dtype,
         test_model=True,
+        call_timeout_s=call_timeout_s,
     )
     return LoadedModels(scorer=scorer, reasoner=reasoner, used_test_models=True, banner=banner)
+
+
+def _remote_banner(settings: ModelSettings) -> str:
+    return (
+        "TEST MODEL IN USE for MedSigLIP: tiny random-weight image model, so image findings are "
+        f"meaningless noise; MedGemma answers from {settings.remote_model!r} on the remote endpoint."
+    )
 
 
 def _fallback_banner(tried: list[str], not_found: list[str]) -> str:

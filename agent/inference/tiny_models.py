@@ -36,6 +36,7 @@ BUILD_VERSION = 1
 MARKER_NAME = ".medagent-test-model.json"
 MEDSIGLIP_DIRNAME = "tiny-random-medsiglip"
 MEDGEMMA_DIRNAME = "tiny-random-medgemma"
+MEDGEMMA_TEXT_DIRNAME = "tiny-random-medgemma-text"
 SEED = 1234
 
 #: Gemma 3's chat template as shipped with google/gemma-3-4b-it and google/medgemma-4b-it. There
@@ -279,6 +280,71 @@ def build_tiny_medgemma(target: Path) -> Path:
     processor.save_pretrained(target)
     _write_marker(target, kind="medgemma")
     return target
+
+
+def build_tiny_medgemma_text(target: Path) -> Path:
+    """Build a tiny random-weight text-only MedGemma (``Gemma3ForCausalLM``) in ``target``.
+
+    The stand-in for ``google/medgemma-27b-text-it``: config ``model_type`` ``gemma3_text``, no
+    vision tower and no processor, only the tokenizer (the same one as the multimodal stand-in,
+    with the Gemma 3 chat template), loaded with ``AutoModelForCausalLM`` + ``AutoTokenizer``.
+
+    Args:
+        target: folder to write; created if missing, existing files are overwritten.
+
+    Returns:
+        ``target``.
+    """
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig
+
+    target.mkdir(parents=True, exist_ok=True)
+    _remove_marker(target)
+    tokenizer = _build_gemma_tokenizer()
+    tokenizer.save_pretrained(target)
+    special_ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in _all_gemma_specials()}
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        max_position_embeddings=8192,
+        sliding_window=512,
+        layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=special_ids["<pad>"],
+        bos_token_id=special_ids["<bos>"],
+        eos_token_id=special_ids["<eos>"],
+    )
+    torch.manual_seed(SEED)
+    model = Gemma3ForCausalLM(config).eval()
+    _silence_special_logits(model, [special_ids[tok] for tok in _all_gemma_specials()])
+    model.generation_config = GenerationConfig(
+        bos_token_id=special_ids["<bos>"],
+        pad_token_id=special_ids["<pad>"],
+        eos_token_id=[special_ids["<eos>"], special_ids["<end_of_turn>"]],
+        do_sample=True,
+        top_k=64,
+        top_p=0.95,
+    )
+    with _quiet_saving():
+        model.save_pretrained(target)
+    _write_marker(target, kind="medgemma-text")
+    return target
+
+
+def ensure_test_text_model(base_dir: Path) -> Path:
+    """Return the tiny text-only MedGemma folder under ``base_dir``, building it when missing.
+
+    Separate from :func:`ensure_test_models` because only runs configured for the text-only
+    checkpoint (and its tests) need it; the same atomic build-and-rename applies.
+    """
+    base_dir.mkdir(parents=True, exist_ok=True)
+    folder = base_dir / MEDGEMMA_TEXT_DIRNAME
+    _ensure_one(folder, "medgemma-text", build_tiny_medgemma_text)
+    return folder
 
 
 def ensure_test_models(base_dir: Path) -> tuple[Path, Path]:

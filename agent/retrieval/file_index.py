@@ -433,11 +433,13 @@ class FileIndex:
         name = f"seg-{uuid.uuid4().hex[:16]}"
         nlist = centroids.shape[0] if centroids is not None else 1
         assignments = []
+        total_rows = sum(int(vectors.shape[0]) for vectors, _ in sources)
         for vectors, _ in sources:
             if centroids is None:
                 assignments.append(np.zeros(vectors.shape[0], dtype=np.int32))
             else:
-                assignments.append(ivf.assign_lists(vectors, centroids))
+                cap = max(64, int(ivf.OVERSIZE_FACTOR * total_rows / nlist))
+                assignments.append(ivf.assign_lists(vectors, centroids, cap=cap))
         lists = np.concatenate(assignments) if assignments else np.zeros(0, dtype=np.int32)
         source_of = np.concatenate([np.full(len(a), i, dtype=np.int32) for i, a in enumerate(assignments)])
         row_of = np.concatenate([np.arange(len(a), dtype=np.int64) for a in assignments])

@@ -18,6 +18,8 @@ F32 = NDArray[np.float32]
 ASSIGN_CHUNK = 16_384
 #: A list more than this many times the mean size is split after training.
 OVERSIZE_FACTOR = 4
+#: Nearest lists a row may go to when its best list is full (see :func:`assign_lists`).
+CHOICES = 4
 
 
 def unit_rows(block: NDArray[np.floating]) -> F32:
@@ -112,20 +114,56 @@ def _list_sums(sample: F32, assignment: NDArray[np.int32], nlist: int) -> F32:
     return sums
 
 
-def assign_lists(vectors: NDArray[np.floating], centroids: F32) -> NDArray[np.int32]:
+def assign_lists(vectors: NDArray[np.floating], centroids: F32, *, cap: int | None = None) -> NDArray[np.int32]:
     """Return the index of the most similar centroid for every row, computed in chunks.
 
     The products run in bfloat16: a near-tie may go to the second-best list, which costs an IVF
     search nothing (both lists are close to the query), and it halves the build time.
+
+    Args:
+        vectors: rows to assign (any float dtype; normalised here).
+        centroids: unit centroids.
+        cap: most rows a list may take. Diffuse points (far from every centre) all prefer the
+            centroids nearest the embeddings' common direction, making lists that nearly every
+            query probes; with a cap, each row goes to the best of its :data:`CHOICES` nearest
+            lists that still has room (most similar rows first), and only rows whose every
+            choice is full go over. This bounds a probe's cost at a small cost in recall.
     """
     import torch  # bfloat16 products (AMX on recent CPUs) are 2x numpy's float32 here
 
-    out = np.empty(vectors.shape[0], dtype=np.int32)
+    n = vectors.shape[0]
+    width = min(CHOICES if cap is not None else 1, centroids.shape[0])
+    choices = np.empty((n, width), dtype=np.int32)
+    scores = np.empty((n, width), dtype=np.float32)
     centres = torch.from_numpy(np.array(centroids, dtype=np.float32)).to(torch.bfloat16)  # a copy: maps are read-only
-    for start in range(0, vectors.shape[0], ASSIGN_CHUNK):
+    for start in range(0, n, ASSIGN_CHUNK):
         block = torch.from_numpy(unit_rows(vectors[start : start + ASSIGN_CHUNK])).to(torch.bfloat16)
-        out[start : start + block.shape[0]] = torch.argmax(block @ centres.T, dim=1).numpy()
-    return out
+        top_scores, top_lists_ = torch.topk((block @ centres.T).float(), width, dim=1)
+        choices[start : start + block.shape[0]] = top_lists_.numpy()
+        scores[start : start + block.shape[0]] = top_scores.numpy()
+    if cap is None or width == 1:
+        return np.ascontiguousarray(choices[:, 0])
+    return _capped(choices, scores, centroids.shape[0], cap)
+
+
+def _capped(choices: NDArray[np.int32], scores: F32, nlist: int, cap: int) -> NDArray[np.int32]:
+    """Give each row its best choice with room left; rank by choice, then by similarity."""
+    assigned = np.full(choices.shape[0], -1, dtype=np.int32)
+    room = np.full(nlist, cap, dtype=np.int64)
+    for rank in range(choices.shape[1]):
+        todo = np.flatnonzero(assigned < 0)
+        if todo.size == 0:
+            break
+        lists = choices[todo, rank]
+        order = np.lexsort((-scores[todo, rank], lists))  # by list, most similar first
+        by_list = lists[order]
+        place = np.arange(by_list.shape[0]) - np.searchsorted(by_list, by_list, side="left")
+        fits = place < room[by_list]
+        assigned[todo[order[fits]]] = by_list[fits]
+        room -= np.bincount(by_list[fits], minlength=nlist)
+    rest = assigned < 0
+    assigned[rest] = choices[rest, 0]
+    return assigned
 
 
 def top_lists(query: F32, centroids: F32, nprobe: int) -> NDArray[np.intp]:

@@ -30,6 +30,7 @@ from agent.errors import (
     ModelUnavailableError,
     PatientNotFoundError,
 )
+from agent.graph.state import HISTORY_TYPES
 from agent.inference.factory import LoadedModels
 from agent.inference.labels import LabelSet
 from agent.inference.protocols import GenerationRequest, GenerationResult, ModelIdentity
@@ -131,16 +132,26 @@ async def test_cxr_patient_answer_is_cited_and_every_step_traced(tmp_path: Path)
         "load_models",
         "load_imaging_extras",
         "resolve_patient",
+        "plan",
+        "access_check",
         "fetch_history",
-        "fetch_images",
         "image_findings",
         "reason",
         "check_citations",
     ]
+    steps = {(e.name, e.meta["phase"]): e for e in trace.events if e.name in ("fetch_records", "fetch_images")}
+    started = {name: steps[(name, "started")].seq for name in ("fetch_records", "fetch_images")}
+    ended = {name: steps[(name, "finished")].seq for name in ("fetch_records", "fetch_images")}
+    # the record and image halves ran at once: both started before either finished
+    assert max(started.values()) < min(ended.values())
+    assert all(steps[(name, "finished")].status == "ok" for name in started)
+    plan_note = next(e for e in trace.events if e.name == "plan_chosen")
+    assert plan_note.meta["source"] == "deterministic"
     fhir_paths = [e.meta["path"] for e in trace.events if e.kind == "fhir_request"]
     assert fhir_paths[0] == f"Patient/{patient['patient_id']}"
     assert fhir_paths[1] == "metadata"  # capabilities decide $everything vs per-type searches
     assert len(fhir_paths) == 1 + 1 + 8
+    assert sorted(p.split("?")[0] for p in fhir_paths[2:]) == sorted(HISTORY_TYPES)  # each type once
     retrieved = [
         e.meta["sop_instance_uid"]
         for e in trace.events
@@ -152,13 +163,13 @@ async def test_cxr_patient_answer_is_cited_and_every_step_traced(tmp_path: Path)
     assert scorer.embedded == [2]  # both images embedded once, in one batch
     assert calls[2].meta["model_id"] == "scripted-reasoner" and calls[2].meta["prompt_tokens"] == 100
     assert calls[2].content["output"].startswith("The patient has heart failure")
-    history_end = next(e for e in trace.events if e.kind == "node_finished" and e.name == "fetch_history")
-    outputs = history_end.meta["outputs"]
+    fetch_end = next(e for e in trace.events if e.kind == "node_finished" and e.name == "fetch_history")
+    outputs = fetch_end.meta["outputs"]
     assert outputs["imaging_study"] == f"ImagingStudy/{current['imaging_study_id']}"
     searched = [e for e in trace.events if e.kind == "fhir_request" and "?" in e.meta["path"]]
     assert outputs["resources"]["count"] == sum(len(e.meta["resource_ids"]) for e in searched)
     assert outputs["context_text"]["chars"] > 0  # the text itself is content, not metadata
-    first, last = history_end.meta["records"]
+    first, last = fetch_end.meta["records"]
     assert [e.kind for e in trace.events if first <= e.seq <= last].count("fhir_request") == 1 + 8
     citations = next(e for e in trace.events if e.name == "citations")
     assert citations.meta["dangling"] == ["Observation/00000000-made-up"]
@@ -172,7 +183,9 @@ async def test_patient_without_imaging_skips_the_image_steps(tmp_path: Path) -> 
     assert result.status == "ok" and result.findings == []
     assert scorer.calls == [] and reasoner.requests[0].images == []
     trace = load_run(runtime.engine, result.run_id)
-    assert "fetch_images" not in [e.name for e in trace.events]
+    # the imaging half looked for a study, found none, and nothing was retrieved or scored
+    assert not any(e.kind == "dicom_retrieval" for e in trace.events)
+    assert "image_findings" not in [e.name for e in trace.events]
 
 
 async def test_unknown_patient_fails_at_resolve_with_its_code(tmp_path: Path) -> None:

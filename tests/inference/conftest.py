@@ -11,6 +11,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 # The imports come after the environment is set, on purpose.
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ from PIL import Image
 
 from agent.inference.medgemma import MedGemma
 from agent.inference.medsiglip import MedSigLIP
-from agent.inference.tiny_models import ensure_test_models
+from agent.inference.tiny_models import ensure_test_models, ensure_test_text_model
+from tests.support.model_server import ServedModel, serve_unavailable_reason, start_transformers_serve
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +52,33 @@ def images() -> list[Image.Image]:
     """Return three different square RGB noise images of different sizes."""
     rng = np.random.default_rng(7)
     return [Image.fromarray(rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)) for side in (64, 300, 512)]
+
+
+@pytest.fixture(scope="session")
+def medgemma_text(test_models_dir: Path) -> MedGemma:
+    """Return the tiny text-only MedGemma (the medgemma-27b-text-it stand-in) in float32."""
+    return MedGemma.load(
+        ensure_test_text_model(test_models_dir),
+        model_id="tiny-medgemma-text",
+        device="cpu",
+        dtype=torch.float32,
+        test_model=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def medgemma_server(
+    tiny_model_dirs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServedModel]:
+    """Run ``transformers serve`` with the tiny multimodal MedGemma on 127.0.0.1 for the session.
+
+    Outside CI a missing server dependency skips the tests that need it, loudly; in CI (CI=true)
+    it fails them, so the real-server tests can never be silently skipped there.
+    """
+    reason = serve_unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI must not skip the transformers-serve tests")
+        pytest.skip(f"SKIPPING TRANSFORMERS SERVE TESTS: {reason}")
+    with start_transformers_serve(tiny_model_dirs[1], tmp_path_factory.mktemp("serve-logs")) as served:
+        yield served
