@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Annotated, Any, TypedDict
 import typer
 
 from agent.cli_classify import classify_app
+from agent.cli_index import index_app
 from agent.cli_patient import patient_app
-from agent.config import DEFAULT_FIXTURES, Settings, get_settings
+from agent.cli_support import fail, settings_with, source_groups
+from agent.config import DEFAULT_FIXTURES, Settings
 from agent.domain.answer import AskResult
 from agent.errors import ConfigError, MedagentError
 
@@ -37,6 +39,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 app.add_typer(patient_app, name="patient")
 app.add_typer(classify_app, name="classify")
+app.add_typer(index_app, name="index")
 
 DEMO_QUESTION = (
     "What are this patient's active problems and current medications, how have the heart-failure "
@@ -63,47 +66,20 @@ def _settings(
     fallback: bool | None = None,
 ) -> Settings:
     """Build settings from env/.env, then apply the command line's flags on top."""
-    if fhir and fhir_dir:
-        raise ConfigError("give either --fhir or --fhir-dir, not both")
-    if dicomweb and dicom_dir:
-        raise ConfigError("give either --dicomweb or --dicom-dir, not both")
-    base = get_settings()
-    fhir_group: dict[str, Any] = {}
-    if fhir:
-        fhir_group = {"base_url": fhir}
-    elif fhir_dir:
-        fhir_group = {"bundle_dir": fhir_dir, "base_url": None}
-    dicom_group: dict[str, Any] = {}
-    if dicomweb:
-        dicom_group = {"dicomweb_url": dicomweb}
-    elif dicom_dir:
-        dicom_group = {"dicom_dir": dicom_dir, "dicomweb_url": None}
+    groups = source_groups(fhir=fhir, fhir_dir=fhir_dir, dicomweb=dicomweb, dicom_dir=dicom_dir)
     models_group: dict[str, Any] = {}
     if test_models:
         models_group["use_test_models"] = True
     if fallback is not None:
         models_group["fallback_to_test_models"] = fallback
-    merged = base.model_dump()
-    merged["fhir"].update(fhir_group)
-    merged["dicom"].update(dicom_group)
-    merged["models"].update(models_group)
+    groups["models"] = models_group
     if db:
-        merged["db"]["url"] = db
-    try:
-        return Settings.model_validate(merged)
-    except Exception as exc:
-        raise ConfigError(f"invalid settings: {exc}") from exc
+        groups["db"] = {"url": db}
+    return settings_with(groups)
 
 
 def _fail(exc: MedagentError, *, as_json: bool) -> None:
-    run_id = exc.details.get("run_id")
-    if as_json:
-        typer.echo(json.dumps({"status": "failed", "run_id": run_id, "error": exc.to_dict()}))
-    else:
-        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
-        if run_id:
-            typer.echo(f"run id: {run_id}   (see: medagent audit show {run_id})", err=True)
-    raise typer.Exit(exc.exit_code)
+    fail(exc, as_json=as_json)
 
 
 def _print_result(result: AskResult, *, banner: str | None) -> None:

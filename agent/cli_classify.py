@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from agent.cli_support import fail
 from agent.errors import MedagentError
 
 if TYPE_CHECKING:
@@ -41,11 +42,7 @@ _TEST_MODEL_WARNING = (
 
 
 def _fail(exc: MedagentError, *, as_json: bool) -> None:
-    if as_json:
-        typer.echo(json.dumps({"status": "failed", "error": exc.to_dict()}))
-    else:
-        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
-    raise typer.Exit(exc.exit_code)
+    fail(exc, as_json=as_json)
 
 
 def _settings(test_models: bool) -> Settings:

@@ -16,7 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
-from agent.config import Settings, get_settings
+from agent.cli_support import fail, settings_with, source_groups
+from agent.config import Settings
 from agent.errors import ConfigError, MedagentError
 
 index_app = typer.Typer(help="Similar-case search over MedSigLIP image embeddings.", no_args_is_help=True)
@@ -43,8 +44,6 @@ def _settings(
     dicom_dir: Path | None = None,
 ) -> Settings:
     """Build settings from env/.env, then apply the command line's flags on top."""
-    if fhir and fhir_dir:
-        raise ConfigError("give either --fhir or --fhir-dir, not both")
     imaging: dict[str, Any] = {}
     if backend:
         imaging["index_backend"] = backend
@@ -52,35 +51,15 @@ def _settings(
         imaging["index_path"] = index_path
     if index_url:
         imaging["index_url"] = index_url
-    fhir_group: dict[str, Any] = {}
-    if fhir:
-        fhir_group = {"base_url": fhir}
-    elif fhir_dir:
-        fhir_group = {"bundle_dir": fhir_dir, "base_url": None}
-    dicom_group: dict[str, Any] = {}
-    if dicomweb:
-        dicom_group = {"dicomweb_url": dicomweb}
-    elif dicom_dir:
-        dicom_group = {"dicom_dir": dicom_dir, "dicomweb_url": None}
-    base = get_settings()
-    merged = base.model_dump()
-    merged["imaging"].update(imaging)
-    merged["fhir"].update(fhir_group)
-    merged["dicom"].update(dicom_group)
+    groups = source_groups(fhir=fhir, fhir_dir=fhir_dir, dicomweb=dicomweb, dicom_dir=dicom_dir)
+    groups["imaging"] = imaging
     if test_models:
-        merged["models"]["use_test_models"] = True
-    try:
-        return Settings.model_validate(merged)
-    except Exception as exc:
-        raise ConfigError(f"invalid settings: {exc}") from exc
+        groups["models"] = {"use_test_models": True}
+    return settings_with(groups)
 
 
 def _fail(exc: MedagentError, *, as_json: bool) -> None:
-    if as_json:
-        typer.echo(json.dumps({"status": "failed", "error": exc.to_dict()}))
-    else:
-        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
-    raise typer.Exit(exc.exit_code)
+    fail(exc, as_json=as_json)
 
 
 def _load_model(settings: Settings) -> Any:

@@ -93,6 +93,21 @@ class ModelOutputError(MedagentError):
     http_status = 502
 
 
+class ModelTimeoutError(ModelOutputError):
+    """A model call ran past ``models.call_timeout_s``."""
+
+    code = "model_timeout"
+    http_status = 504
+
+
+class StepLimitError(MedagentError):
+    """The run took more graph steps than ``agent.max_steps`` allows (a loop, or a limit set too low)."""
+
+    code = "step_limit"
+    exit_code = 1
+    http_status = 500
+
+
 class AuditError(MedagentError):
     """The trace could not be written or read; runs fail closed without their trace."""
 

@@ -20,15 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from langgraph.errors import GraphRecursionError
 from langgraph.types import Command
-from pydantic import Field
 
 from agent.audit.recorder import MODEL_LOAD, TraceRecorder, settings_fingerprint
 from agent.domain.answer import AskResult
 from agent.domain.plan import Plan
-from agent.errors import InternalError, MedagentError, RunCancelledError
+from agent.errors import InternalError, MedagentError, RunCancelledError, StepLimitError
 from agent.graph.builder import build_ask_graph
 from agent.graph.events import StreamEvent
-from agent.graph.limits import StepLimitError
 from agent.graph.state import TURN_DEFAULTS, RunContext
 from agent.graph.threads import open_checkpointer
 from agent.inference.labels import LABEL_SETS_BY_MODALITY
@@ -38,18 +36,9 @@ from agent.sources.factory import make_dicom_source, make_fhir_source
 if TYPE_CHECKING:
     from agent.inference.factory import LoadedModels
 
-__all__ = ["AgentRuntime", "ModelCache", "ThreadedAskResult", "resume_ask", "run_ask"]
+__all__ = ["AgentRuntime", "ModelCache", "resume_ask", "run_ask"]
 
 log = logging.getLogger(__name__)
-
-
-class ThreadedAskResult(AskResult):
-    """The outcome of a run in a thread: an answer, or a question for the user (``status="interrupted"``)."""
-
-    thread_id: str
-    interrupt: dict[str, Any] | None = Field(
-        None, description="When interrupted: what the graph asks (kind, question, candidates or types)"
-    )
 
 
 async def run_ask(
@@ -72,7 +61,7 @@ async def run_ask(
         thread_id: continue (or start) a conversation: the graph runs on the configured
             checkpointer, the prompt includes the thread's earlier turns, and ambiguity or a
             restricted record type interrupts with a question (see :func:`resume_ask`) instead of
-            failing. The result is then a :class:`ThreadedAskResult`.
+            failing. The result is then a result with ``thread_id`` and ``interrupt``.
         plan: use this plan (recorded as given; no planner call): benchmarks and evaluation.
         listener: receives stream events (progress, tokens, findings, citations); it may be
             called from a worker thread.
@@ -188,7 +177,7 @@ async def _execute(
         if pending:
             value = pending[0].value
             recorder.finish_run("interrupted", reason=f"waiting for the user: {value.get('kind', 'question')}")
-            return ThreadedAskResult(
+            return AskResult(
                 run_id=recorder.run_id,
                 status="interrupted",
                 thread_id=str(thread_id),
@@ -210,7 +199,7 @@ async def _execute(
             + [f"not read (role): {kind}" for kind in state.get("denied_types", [])],
         )
         if thread_id is not None:
-            return ThreadedAskResult(**result.model_dump(), thread_id=thread_id)
+            result.thread_id = thread_id
         return result
     except MedagentError as exc:
         _finish_failed(recorder, exc)

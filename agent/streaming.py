@@ -14,7 +14,7 @@ from typing import Any
 
 from agent.errors import MedagentError
 from agent.graph.events import StreamEvent
-from agent.runner import AgentRuntime, ThreadedAskResult, resume_ask, run_ask
+from agent.runner import AgentRuntime, resume_ask, run_ask
 
 _DONE = object()
 
@@ -43,7 +43,7 @@ async def stream_ask(runtime: AgentRuntime, *, resume: Any = None, **ask: Any) -
                 result = await resume_ask(runtime, resume=resume, listener=listen, **ask)
             else:
                 result = await run_ask(runtime, listener=listen, **ask)
-            if isinstance(result, ThreadedAskResult) and result.status == "interrupted":
+            if result.status == "interrupted":
                 data = {"run_id": result.run_id, "thread_id": result.thread_id, **(result.interrupt or {})}
                 loop.call_soon_threadsafe(queue.put_nowait, StreamEvent(type="interrupt", data=data))
             else:

@@ -34,7 +34,7 @@ import statistics
 import string
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,13 @@ from agent.inference.factory import LoadedModels
 from agent.inference.labels import LabelSet
 from agent.inference.loading import dtype_name, select_device, select_dtype
 from agent.inference.medgemma import MedGemma
-from agent.inference.protocols import GenerationRequest, GenerationResult, ModelIdentity, Reasoner
+from agent.inference.protocols import (
+    GenerationRequest,
+    GenerationResult,
+    GenerationStream,
+    ModelIdentity,
+    Reasoner,
+)
 from agent.inference.tiny_models import GEMMA3_CHAT_TEMPLATE
 from agent.runner import run_ask
 from agent.runtime import AgentRuntime, ModelCache
@@ -72,6 +78,8 @@ from agent.sources.fhir_bundle_dir import BundleDirFhirSource
 Echo = Callable[[str], None]
 
 PATIENT = "cxr"
+#: One question keeps the default run near 15 minutes on an idle 2-core CPU (the Navigator side dominates).
+DEFAULT_QUESTIONS = 1
 #: ``google/medgemma-4b-it``'s text model: every 6th layer global, the rest sliding-window (1024).
 MEDGEMMA_4B_TEXT: dict[str, Any] = {
     "vocab_size": 262208,
@@ -190,6 +198,52 @@ def medgemma_4b_config(tokenizer: Any) -> Any:
     )
 
 
+def stand_in_processor(tokenizer: Any) -> Any:
+    """Return a ``Gemma3Processor`` with MedGemma-4B's image settings (896 px, 256 soft tokens) and the tokenizer."""
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor
+
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": 896, "width": 896}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    return Gemma3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+        image_seq_length=MM_TOKENS_PER_IMAGE,
+    )
+
+
+class TokenCounter:
+    """A reasoner that only counts: the prompt as MedGemma's adapter would build it, tokenised, nothing generated.
+
+    For ``--count-only``: the prompt-token comparison over many questions in seconds, since the
+    token counts do not depend on the weights. Its timings mean nothing.
+    """
+
+    identity = ModelIdentity(model_id="token counter (no model)", backend="test", test_model=True)
+
+    def __init__(self, processor: Any) -> None:
+        """Keep the processor whose chat template and tokenizer do the counting."""
+        self.processor = processor
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Return an empty answer with the prompt's token count."""
+        messages: list[dict[str, Any]] = []
+        if request.system.strip():
+            messages.append({"role": "system", "content": [{"type": "text", "text": request.system}]})
+        messages.append({"role": "user", "content": [{"type": "text", "text": request.user_text}]})
+        inputs = self.processor.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_tensors="pt", add_generation_prompt=True
+        )
+        return GenerationResult(
+            text="", prompt_tokens=int(inputs["input_ids"].shape[-1]), output_tokens=0, latency_s=0.0
+        )
+
+    def stream(self, request: GenerationRequest) -> GenerationStream:
+        """Return :meth:`generate`'s result as a stream with no deltas."""
+        return _as_stream(self.generate(request))
+
+
 def real_size_medgemma(*, dtype_setting: str = "auto", seed: int = 0) -> MedGemma:
     """Build a random-weight MedGemma-4B of the real size with the stand-in tokenizer, in the project's adapter.
 
@@ -198,12 +252,7 @@ def real_size_medgemma(*, dtype_setting: str = "auto", seed: int = 0) -> MedGemm
     so their logits sit at 0 while 262k random logits spread around it: every call generates
     exactly the requested number of tokens, as a fixed-length benchmark needs.
     """
-    from transformers import (
-        Gemma3ForConditionalGeneration,
-        Gemma3ImageProcessorPil,
-        Gemma3Processor,
-        GenerationConfig,
-    )
+    from transformers import Gemma3ForConditionalGeneration, GenerationConfig
     from transformers.initialization import no_init_weights
 
     tokenizer = stand_in_tokenizer(benchmark_corpus())
@@ -235,15 +284,7 @@ def real_size_medgemma(*, dtype_setting: str = "auto", seed: int = 0) -> MedGemm
         eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
         do_sample=False,
     )
-    image_processor = Gemma3ImageProcessorPil(
-        size={"height": 896, "width": 896}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-    )
-    processor = Gemma3Processor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        chat_template=GEMMA3_CHAT_TEMPLATE,
-        image_seq_length=MM_TOKENS_PER_IMAGE,
-    )
+    processor = stand_in_processor(tokenizer)
     identity = ModelIdentity(
         model_id="random-weight medgemma-4b-it (benchmark)",
         backend="transformers",
@@ -292,6 +333,20 @@ class _Swappable:
         if self.target is None:
             return GenerationResult(text="warm-up", prompt_tokens=0, output_tokens=0, latency_s=0.0)
         return self.target.generate(request)
+
+    def stream(self, request: GenerationRequest) -> GenerationStream:
+        if self.target is None:
+            return _as_stream(self.generate(request))
+        return self.target.stream(request)
+
+
+def _as_stream(result: GenerationResult) -> GenerationStream:
+    def chunks() -> Generator[str, None, GenerationResult]:
+        if result.text:
+            yield result.text
+        return result
+
+    return GenerationStream(chunks())
 
 
 # -- one question, both sides ----------------------------------------------------------------------
@@ -370,10 +425,11 @@ def _word_pieces(text: str) -> int:
 def run_benchmark(
     *,
     generated_tokens: int = 16,
-    questions: int = 2,
+    questions: int = DEFAULT_QUESTIONS,
     repeats: int = 1,
     echo: Echo = print,
     reasoner: Reasoner | None = None,
+    count_only: bool = False,
 ) -> dict[str, Any]:
     """Run both sides on the same questions, print a line per figure and a closing JSON line, return the figures.
 
@@ -384,7 +440,12 @@ def run_benchmark(
         echo: where each line goes.
         reasoner: the model both sides use; by default the real-size random-weight MedGemma-4B
             (tests pass the tiny one).
+        count_only: no model: count both sides' prompt tokens with the stand-in tokenizer (fast,
+            any number of questions); the timing figures are then None.
     """
+    if count_only:
+        counter: Reasoner = TokenCounter(stand_in_processor(stand_in_tokenizer(benchmark_corpus())))
+        reasoner = counter
     if reasoner is None:
         echo("building a random-weight MedGemma-4B (real size) ...")
         built = time.perf_counter()
@@ -402,7 +463,7 @@ def run_benchmark(
             imaging={"similar_cases": 0},
         )
         swappable = _Swappable(reasoner)
-        loaded = LoadedModels(scorer=BenchScorer(), reasoner=swappable, used_test_models=True)  # type: ignore[arg-type]
+        loaded = LoadedModels(scorer=BenchScorer(), reasoner=swappable, used_test_models=True)
         runtime = AgentRuntime(settings=settings, models=ModelCache(loader=lambda _s: loaded))
         navigator = Navigator(reasoner, max_new_tokens=generated_tokens)
         try:
@@ -422,6 +483,13 @@ def run_benchmark(
             "oracle_plan": bool(oracle_plan_kwargs(chosen[0])) if chosen else False,
         }
     )
+    if count_only:
+        figures.update(speedup_vs_navigator=None, overhead_share=None, count_only=True)
+        echo(
+            f"prompt-token reduction vs Navigator:   {figures['prompt_token_reduction_vs_navigator']:.2f}x (count only)"
+        )
+        echo(json.dumps(figures))
+        return figures
     echo(f"speedup vs Navigator pattern:          {figures['speedup_vs_navigator']:.2f}x (median wall time, summed)")
     echo(f"prompt-token reduction vs Navigator:   {figures['prompt_token_reduction_vs_navigator']:.2f}x")
     echo(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 
@@ -16,7 +18,7 @@ class AskResult(BaseModel):
     """The outcome of one ``ask`` run, as printed by the CLI and returned by the API."""
 
     run_id: str
-    status: str = Field(description="'ok' or 'failed'")
+    status: str = Field(description="'ok', 'failed', or 'interrupted' (a thread waits for the user's answer)")
     answer: str = Field("", description="The answer shown to the user, dangling citations removed.")
     sources: list[str] = Field(default_factory=list, description="'Type/id' of each resource in the context")
     citations: list[Citation] = Field(default_factory=list)
@@ -30,3 +32,7 @@ class AskResult(BaseModel):
     test_models: bool = Field(False, description="True when tiny random-weight models were used.")
     warnings: list[str] = Field(default_factory=list, description="Non-fatal problems, e.g. a skipped image.")
     error: dict[str, object] | None = None
+    thread_id: str | None = Field(None, description="The conversation thread, for runs in one")
+    interrupt: dict[str, Any] | None = Field(
+        None, description="When interrupted: what the graph asks (kind, question, candidates or types)"
+    )

@@ -41,9 +41,9 @@ from agent.runtime import AgentRuntime
 _NUMBER = re.compile(r"(?<![\w.\-/])-?\d+(?:,\d{3})*(?:\.\d+)?(?![\w])")
 _CITATION = re.compile(r"\[[A-Za-z]+/[^\]]*\]")
 TEST_MODELS_NOTICE = (
-    "Tiny random-weight test models were used: the answers are noise, so exact match and citation "
-    "precision say nothing about answer quality. Gold-fact recall in context, dangling-citation "
-    "checking, model calls, prompt tokens and latency come from the agent's own code and are real."
+    "Tiny random-weight test models were used: their answers are noise, so the answer scores "
+    "(exact match, citation precision) are meaningless. Gold-fact recall in context, dangling-citation "
+    "checking, model calls and prompt tokens come from the agent's own code and are real."
 )
 
 

@@ -44,11 +44,14 @@ def format_report(report: EvalReport) -> list[str]:
         lines.append(f"{name:<13}" + "".join(f"{_cell(summary[key], spec):>10}" for key, _, spec in _COLUMNS))
     overall = report.summary()
     lines.append("")
-    lines.append(
-        f"gold facts in context: {overall['fact_recall'] or 0:.1%} of {overall['gold_facts']}; "
-        f"questions with every gold fact: {overall['questions_complete']}/{overall['questions']}; "
-        f"failed runs: {overall['failed']}"
-    )
+    if overall["fact_recall"] is None:
+        lines.append("no questions were asked")
+    else:
+        lines.append(
+            f"gold facts in context: {overall['fact_recall']:.1%} of {overall['gold_facts']}; "
+            f"questions with every gold fact: {overall['questions_complete']}/{overall['questions']}; "
+            f"failed runs: {overall['failed']}"
+        )
     failed = [r for r in report.results if r.error]
     for result in failed:
         lines.append(f"  failed: {result.patient}: {result.question!r} ({result.error}, run {result.run_id})")

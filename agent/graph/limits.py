@@ -1,9 +1,8 @@
 """Run limits: the step budget and per-call model timeouts, with their specific errors.
 
 Where it sits: every model call of the graph goes through :func:`call_with_timeout`; the runner
-maps LangGraph's recursion limit to :class:`StepLimitError`. Both errors end the run cleanly with
-status ``failed`` and their own code in the trace. (They belong in ``agent.errors``; they live
-here until that module's owner moves them.)
+maps LangGraph's recursion limit to :class:`StepLimitError`. Both errors (defined in
+:mod:`agent.errors`) end the run cleanly with status ``failed`` and their own code in the trace.
 """
 
 from __future__ import annotations
@@ -12,24 +11,11 @@ import asyncio
 from collections.abc import Callable
 from typing import TypeVar
 
-from agent.errors import MedagentError, ModelOutputError
+from agent.errors import ModelTimeoutError, StepLimitError
+
+__all__ = ["ModelTimeoutError", "StepLimitError", "call_with_timeout"]
 
 T = TypeVar("T")
-
-
-class ModelTimeoutError(ModelOutputError):
-    """A model call ran past ``models.call_timeout_s``."""
-
-    code = "model_timeout"
-    http_status = 504
-
-
-class StepLimitError(MedagentError):
-    """The run took more graph steps than ``agent.max_steps`` allows (a loop, or a limit set too low)."""
-
-    code = "step_limit"
-    exit_code = 1
-    http_status = 500
 
 
 async def call_with_timeout(

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Annotated, Any, TypedDict
 
 from agent.audit.recorder import TraceRecorder
-from agent.config import Settings
+from agent.config import CLINICAL_TYPES, Settings
 from agent.domain.answer import Citation
 from agent.domain.imaging import Finding, PreparedImage
 from agent.domain.plan import Plan
@@ -24,17 +24,8 @@ from agent.inference.labels import LabelSet
 from agent.inference.protocols import ImageScorer, Reasoner
 from agent.sources.protocols import DicomSource, FhirSource
 
-#: The resource types a patient's history is fetched from.
-HISTORY_TYPES: tuple[str, ...] = (
-    "Condition",
-    "Observation",
-    "MedicationRequest",
-    "AllergyIntolerance",
-    "Encounter",
-    "DiagnosticReport",
-    "DocumentReference",
-    "ImagingStudy",
-)
+#: The resource types a patient's history is fetched from: the clinical types, then imaging studies.
+HISTORY_TYPES: tuple[str, ...] = (*CLINICAL_TYPES, "ImagingStudy")
 
 
 class Turn(TypedDict):

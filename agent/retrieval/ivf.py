@@ -19,7 +19,7 @@ ASSIGN_CHUNK = 16_384
 #: A list more than this many times the mean size is split after training.
 OVERSIZE_FACTOR = 4
 #: Nearest lists a row may go to when its best list is full (see :func:`assign_lists`).
-CHOICES = 4
+CHOICES = 16
 
 
 def unit_rows(block: NDArray[np.floating]) -> F32:
@@ -46,8 +46,12 @@ def choose_nlist(n: int) -> int:
 
 
 def choose_nprobe(nlist: int) -> int:
-    """Return the default number of lists a query scans (measured for recall@10 >= 0.95)."""
-    return max(1, min(nlist, max(8, nlist // 256)))
+    """Return the default number of lists a query scans.
+
+    Measured on 1,000,000 x 1152 clustered vectors (4,932 lists): 8 probes gave recall@10 0.991,
+    19 gave 0.996 while scanning 60% more rows, so the default stays near 8 until lists multiply.
+    """
+    return max(1, min(nlist, max(8, nlist // 512)))
 
 
 def spherical_kmeans(sample: F32, nlist: int, *, iterations: int = 8, seed: int = 0, split_depth: int = 2) -> F32:

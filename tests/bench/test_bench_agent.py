@@ -137,3 +137,29 @@ def test_comparison_on_tiny_gemma_reports_figures_from_the_right_inputs(tiny_med
     assert figures["prompt_token_reduction_vs_navigator"] == pytest.approx(
         figures["navigator_prompt_tokens"] / figures["agent_prompt_tokens"]
     )
+
+
+def test_count_only_compares_prompt_tokens_without_a_model() -> None:
+    lines: list[str] = []
+    figures = run_benchmark(questions=2, count_only=True, echo=lines.append)
+    assert json.loads(lines[-1])["count_only"] is True
+    assert figures["speedup_vs_navigator"] is None and figures["overhead_share"] is None
+    assert figures["navigator_model_calls"] == sum(2 + len(q.gold_types) for q in bench_questions(2))
+    # the agent puts the gold facts' resources before the model in one call, the Navigator in several
+    assert figures["fact_recall"] == figures["navigator_fact_recall"] == 1.0
+    assert figures["navigator_prompt_tokens"] > figures["agent_prompt_tokens"] > 0
+
+
+def test_bench_agent_command_prints_json_last() -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from agent.cli_eval import bench_agent_command
+
+    app = typer.Typer()
+    app.command()(bench_agent_command)
+    result = CliRunner().invoke(app, ["--count-only", "--questions", "1"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["questions"] == [bench_questions(1)[0].text]
+    assert figures["prompt_token_reduction_vs_navigator"] > 1.0

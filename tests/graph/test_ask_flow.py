@@ -78,7 +78,10 @@ class ScriptedReasoner:
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         self.requests.append(request)
-        condition = next(token.strip("[]") for token in request.user_text.split() if token.startswith("[Condition/"))
+        tokens = request.user_text.split()
+        condition = next((token.strip("[]") for token in tokens if token.startswith("[Condition/")), None)
+        if condition is None:  # the planning prompt: no record tags, and no JSON plan either
+            return GenerationResult(text="I cannot plan.", prompt_tokens=50, output_tokens=4, latency_s=0.01)
         text = (
             f"<unused94>thinking<unused95>The patient has heart failure [{condition}]. "
             "BNP is rising [Observation/00000000-made-up]."

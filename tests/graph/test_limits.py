@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.audit.reader import load_run
-from agent.errors import RunCancelledError
-from agent.graph.limits import ModelTimeoutError, StepLimitError
+from agent.errors import ModelTimeoutError, RunCancelledError, StepLimitError
 from agent.runner import run_ask
 from tests.graph.scripted import PlanningReasoner
 from tests.graph.test_ask_flow import PATIENTS, FakeScorer, _runtime

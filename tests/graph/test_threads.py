@@ -17,7 +17,7 @@ from pydantic import SecretStr
 from agent.audit.reader import load_run
 from agent.config import DEFAULT_FIXTURES
 from agent.graph.threads import checkpointer_location
-from agent.runner import AgentRuntime, ThreadedAskResult, resume_ask, run_ask
+from agent.runner import AgentRuntime, resume_ask, run_ask
 from tests.graph.scripted import PlanningReasoner
 from tests.graph.test_ask_flow import PATIENTS, FakeScorer, _runtime
 
@@ -50,7 +50,7 @@ async def test_a_thread_remembers_earlier_turns_without_replaying_chat(thread_ru
     runtime = thread_runtime(reasoner)
     first = await run_ask(runtime, patient_id=NOIMG, question="Diabetes control?", thread_id="t-1")
     second = await run_ask(runtime, patient_id=NOIMG, question="And the medications?", thread_id="t-1")
-    assert isinstance(second, ThreadedAskResult) and second.status == "ok" and second.thread_id == "t-1"
+    assert second.status == "ok" and second.thread_id == "t-1"
 
     prompt_one, prompt_two = (r.user_text for r in reasoner.answer_requests())
     assert "<conversation" not in prompt_one
@@ -92,7 +92,7 @@ async def test_an_ambiguous_patient_interrupts_and_resumes_with_the_choice(
     runtime.settings.fhir.bundle_dir = bundles
 
     asked = await run_ask(runtime, patient_id="identifier=urn:test:mrn|DUP-1", question="Status?", thread_id="t-9")
-    assert isinstance(asked, ThreadedAskResult) and asked.status == "interrupted"
+    assert asked.status == "interrupted"
     assert asked.interrupt is not None and asked.interrupt["kind"] == "ambiguous_patient"
     assert [c["id"] for c in asked.interrupt["candidates"]] == ["twin-1", "twin-2"]
     assert reasoner.requests == []  # nothing was asked of the model before the user chose
@@ -102,7 +102,7 @@ async def test_an_ambiguous_patient_interrupts_and_resumes_with_the_choice(
 
     # an answer that names no candidate is asked again, and a valid one then resumes the run
     again = await resume_ask(runtime, thread_id="t-9", resume={"patient_id": "someone-else"})
-    assert again.status == "interrupted" and isinstance(again, ThreadedAskResult) and again.interrupt is not None
+    assert again.status == "interrupted" and again.interrupt is not None
     assert again.interrupt["question"].startswith("That is not one of the candidates")
     resumed = await resume_ask(runtime, thread_id="t-9", resume={"patient_id": "twin-2"})
     assert resumed.status == "ok" and "Patient/twin-2" in resumed.sources
@@ -118,7 +118,7 @@ async def test_restricted_types_ask_for_a_purpose_in_a_thread_and_are_dropped_ot
     reasoner = PlanningReasoner()
     runtime = thread_runtime(reasoner)
     asked = await run_ask(runtime, patient_id=NOIMG, question="Status?", thread_id="t-a", user_role="auditor")
-    assert isinstance(asked, ThreadedAskResult) and asked.status == "interrupted"
+    assert asked.status == "interrupted"
     assert asked.interrupt is not None and asked.interrupt["kind"] == "restricted_types"
     assert "Condition" in asked.interrupt["types"]
     confirmed = await resume_ask(
