@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypedDict
 import typer
 
 from agent.cli_classify import classify_app
+from agent.cli_eval import bench_agent_command, eval_command
 from agent.cli_index import index_app
 from agent.cli_patient import patient_app
 from agent.cli_support import fail, settings_with, source_groups
@@ -40,6 +41,8 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(patient_app, name="patient")
 app.add_typer(classify_app, name="classify")
 app.add_typer(index_app, name="index")
+app.command("eval")(eval_command)
+bench_app.command("agent")(bench_agent_command)
 
 DEMO_QUESTION = (
     "What are this patient's active problems and current medications, how have the heart-failure "

@@ -15,26 +15,22 @@ import asyncio
 import json
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from agent.config import DEFAULT_FIXTURES, Settings, get_settings
-from agent.errors import ConfigError, MedagentError
+from agent.cli_support import fail, settings_with, source_groups
+from agent.config import DEFAULT_FIXTURES, Settings
+from agent.errors import MedagentError
 
 
 def eval_settings(*, db: str | None, test_models: bool, scratch: Path) -> Settings:
     """Return the settings for an evaluation: fixture sources, a trace database, the chosen models."""
-    merged: dict[str, Any] = get_settings().model_dump()
-    merged["fhir"].update({"bundle_dir": DEFAULT_FIXTURES / "fhir", "base_url": None})
-    merged["dicom"].update({"dicom_dir": DEFAULT_FIXTURES / "dicom", "dicomweb_url": None})
-    merged["db"]["url"] = db or f"sqlite:///{scratch / 'eval-trace.db'}"
+    groups = source_groups(fhir_dir=DEFAULT_FIXTURES / "fhir", dicom_dir=DEFAULT_FIXTURES / "dicom")
+    groups["db"] = {"url": db or f"sqlite:///{scratch / 'eval-trace.db'}"}
     if test_models:
-        merged["models"]["use_test_models"] = True
-    try:
-        return Settings.model_validate(merged)
-    except Exception as exc:
-        raise ConfigError(f"invalid settings: {exc}") from exc
+        groups["models"] = {"use_test_models": True}
+    return settings_with(groups)
 
 
 def eval_command(
@@ -57,11 +53,7 @@ def eval_command(
             runtime = AgentRuntime(settings=eval_settings(db=db, test_models=test_models, scratch=Path(scratch)))
             report = asyncio.run(run_eval(runtime, limit=limit, oracle_plan=oracle_plan))
         except MedagentError as exc:
-            if as_json:
-                typer.echo(json.dumps({"status": "failed", "error": exc.to_dict()}))
-            else:
-                typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
-            raise typer.Exit(exc.exit_code) from exc
+            fail(exc, as_json=as_json)
         finally:
             if runtime is not None:  # the SQLite file lives in the scratch folder removed next
                 runtime.engine.dispose()

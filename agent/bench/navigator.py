@@ -23,20 +23,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from agent.graph.state import HISTORY_TYPES
 from agent.inference.protocols import GenerationRequest, Reasoner
 from agent.sources.protocols import FhirSource
 
 #: The types the manifest covers: the same record types the agent fetches.
-MANIFEST_TYPES: tuple[str, ...] = (
-    "Condition",
-    "Observation",
-    "MedicationRequest",
-    "AllergyIntolerance",
-    "Encounter",
-    "DiagnosticReport",
-    "DocumentReference",
-    "ImagingStudy",
-)
+MANIFEST_TYPES: tuple[str, ...] = HISTORY_TYPES
 #: Distinct concept names listed per type in the manifest.
 MANIFEST_NAMES_PER_TYPE = 20
 
