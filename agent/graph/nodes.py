@@ -19,6 +19,7 @@ from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 
 from agent.audit.recorder import MODEL_CALL, NOTE
+from agent.domain.imaging import PreparedImage
 from agent.domain.plan import Plan
 from agent.errors import AmbiguousPatientError, MedagentError, ModelOutputError, PatientNotFoundError
 from agent.graph import planning
@@ -31,7 +32,7 @@ from agent.graph.image_analysis import (
     similar_cases,
     zero_shot_findings,
 )
-from agent.graph.imaging_fetch import choose_studies, fetch_study_images, study_instance_uid
+from agent.graph.imaging_fetch import VOLUME_MODALITIES, choose_studies, fetch_study_images, study_instance_uid
 from agent.graph.limits import call_with_timeout
 from agent.graph.prompts import SYSTEM_PROMPT, build_user_prompt, format_earlier
 from agent.graph.record_fetch import fetch_records, of_types, url_attachment_texts
@@ -436,7 +437,7 @@ async def reason(state: AskState, runtime: Runtime[RunContext]) -> dict[str, Any
         earlier=format_earlier([dict(t) for t in state.get("turns") or []], ctx.settings.agent.thread_turns),
         task=chosen.task if chosen else "answer",
     )
-    labels = ["current"] * len(images) + ["prior"] * len(prior_images)
+    labels = image_labels(images, "current") + image_labels(prior_images, "prior")
     result = await _generate(
         ctx,
         "medgemma.generate",
@@ -448,6 +449,13 @@ async def reason(state: AskState, runtime: Runtime[RunContext]) -> dict[str, Any
         stream=True,
     )
     return {"raw_answer": result.text}
+
+
+def image_labels(images: list[PreparedImage], which: str) -> list[str]:
+    """Label each image for the prompt: CT/MR slices as ``SLICE n`` (in volume order), others by study."""
+    if images and (images[0].ref.modality or "").upper() in VOLUME_MODALITIES:
+        return [f"{which} SLICE {number}" for number in range(1, len(images) + 1)]
+    return [which] * len(images)
 
 
 async def _generate(
@@ -470,7 +478,7 @@ async def _generate(
         "images": images or [],
         "max_new_tokens": max_new_tokens or ctx.settings.models.max_new_tokens,
     }
-    if image_labels and "image_labels" in GenerationRequest.model_fields:
+    if image_labels:
         fields["image_labels"] = image_labels
     request = GenerationRequest(**fields)
     started = time.perf_counter()

@@ -203,3 +203,26 @@ async def test_a_probe_trained_on_another_model_fails_the_run_clearly(tmp_path: 
         await run_ask(runtime, patient_id=CXR["patient_id"], question="Effusion?")
     trace = load_run(runtime.engine, caught.value.details["run_id"])
     assert trace.run.status == "failed"
+
+
+async def test_ct_slices_reach_medgemma_in_volume_order_labelled_slice_n(tmp_path: Path) -> None:
+    ct = next(p for p in MANIFEST["patients"] if p["key"] == "ct")
+    reasoner = CaseCitingReasoner()
+    settings = get_settings(
+        fhir={"bundle_dir": DEFAULT_FIXTURES / "fhir"},
+        dicom={"dicom_dir": DEFAULT_FIXTURES / "dicom"},
+        db={"url": f"sqlite:///{tmp_path / 'trace.db'}"},
+        models={"reasoner_max_images": 3},
+        imaging={"similar_cases": 0},
+    )
+    loaded = LoadedModels(scorer=ConstantScorer(), reasoner=reasoner, used_test_models=False, banner=None)
+    runtime = AgentRuntime(settings=settings, models=ModelCache(loader=lambda _s: loaded))
+    result = await run_ask(runtime, patient_id=ct["patient_id"], question="What does the CT image show?")
+
+    assert result.status == "ok"
+    sent = reasoner.requests[-1]
+    assert sent.image_labels == [f"current SLICE {n}" for n in range(1, len(sent.images) + 1)]
+    assert len(sent.images) >= 2
+    trace = load_run(runtime.engine, result.run_id)
+    (volume,) = [e for e in trace.events if e.name == "volume_preparation"]
+    assert volume.meta["modality"] == "CT" and volume.meta["slices"] >= len(sent.images)
