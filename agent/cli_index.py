@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -60,6 +62,18 @@ def _settings(
 
 def _fail(exc: MedagentError, *, as_json: bool) -> None:
     fail(exc, as_json=as_json)
+
+
+@contextmanager
+def _existing_index(backend: str | None, index_path: Path | None, index_url: str | None) -> Iterator[Any]:
+    """Open the index the flags and settings name (it must exist), and close it afterwards."""
+    from agent.retrieval.factory import open_index
+
+    index = open_index(_settings(backend=backend, index_path=index_path, index_url=index_url).imaging, create=False)
+    try:
+        yield index
+    finally:
+        index.close()
 
 
 def _load_model(settings: Settings) -> Any:
@@ -269,15 +283,10 @@ def delete(
     as_json: JsonOpt = False,
 ) -> None:
     """Remove a study's images from the index (space is reclaimed by rebuild)."""
-    from agent.retrieval.factory import open_index
 
     try:
-        settings = _settings(backend=backend, index_path=index_path, index_url=index_url)
-        index = open_index(settings.imaging, create=False)
-        try:
+        with _existing_index(backend, index_path, index_url) as index:
             removed = index.delete(study_uid=study)
-        finally:
-            index.close()
     except MedagentError as exc:
         _fail(exc, as_json=as_json)
         return
@@ -292,15 +301,10 @@ def rebuild(
     as_json: JsonOpt = False,
 ) -> None:
     """Reclaim deleted space and rebuild the search structure."""
-    from agent.retrieval.factory import open_index
 
     try:
-        settings = _settings(backend=backend, index_path=index_path, index_url=index_url)
-        index = open_index(settings.imaging, create=False)
-        try:
+        with _existing_index(backend, index_path, index_url) as index:
             info = index.rebuild()
-        finally:
-            index.close()
     except MedagentError as exc:
         _fail(exc, as_json=as_json)
         return
@@ -315,15 +319,10 @@ def info(
     as_json: JsonOpt = False,
 ) -> None:
     """Show the index's model, dimension and counts."""
-    from agent.retrieval.factory import open_index
 
     try:
-        settings = _settings(backend=backend, index_path=index_path, index_url=index_url)
-        index = open_index(settings.imaging, create=False)
-        try:
+        with _existing_index(backend, index_path, index_url) as index:
             described = index.info()
-        finally:
-            index.close()
     except MedagentError as exc:
         _fail(exc, as_json=as_json)
         return

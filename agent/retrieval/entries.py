@@ -46,6 +46,10 @@ class IndexEntry(BaseModel):
         return f"{root}/studies/{self.study_uid}/series/{self.series_uid}/instances/{self.sop_instance_uid}"
 
 
+#: The entry fields in storage order: the columns of both backends' entry tables.
+ENTRY_COLUMNS: tuple[str, ...] = tuple(IndexEntry.model_fields)
+
+
 class StudyHit(BaseModel):
     """One similar study: its best image's cosine score and everything needed to open it."""
 

@@ -41,7 +41,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from agent.retrieval import ivf
-from agent.retrieval.entries import IndexedModel, IndexEntry, IndexInfo, StudyHit, studies_from_hits
+from agent.retrieval.entries import ENTRY_COLUMNS, IndexedModel, IndexEntry, IndexInfo, StudyHit, studies_from_hits
 from agent.retrieval.protocols import FloatMatrix, IndexCorruptError, check_model
 
 log = logging.getLogger(__name__)
@@ -57,18 +57,7 @@ COPY_CHUNK = 65_536
 CATALOG = "catalog.sqlite"
 MANIFEST = "manifest.json"
 
-_ENTRY_COLUMNS = (
-    "study_uid",
-    "series_uid",
-    "sop_instance_uid",
-    "modality",
-    "patient_ref",
-    "imaging_study_ref",
-    "source",
-    "dicomweb_url",
-    "label",
-    "added_at",
-)
+_ENTRY_COLUMNS = ENTRY_COLUMNS
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -25,21 +25,10 @@ from psycopg import sql
 
 from agent.errors import ConfigError, SourceUnavailableError
 from agent.retrieval import ivf
-from agent.retrieval.entries import IndexedModel, IndexEntry, IndexInfo, StudyHit, studies_from_hits
+from agent.retrieval.entries import ENTRY_COLUMNS, IndexedModel, IndexEntry, IndexInfo, StudyHit, studies_from_hits
 from agent.retrieval.protocols import FloatMatrix, check_model
 
-_COLUMNS = (
-    "study_uid",
-    "series_uid",
-    "sop_instance_uid",
-    "modality",
-    "patient_ref",
-    "imaging_study_ref",
-    "source",
-    "dicomweb_url",
-    "label",
-    "added_at",
-)
+_COLUMNS = ENTRY_COLUMNS
 _TYPES = ["text"] * 9 + ["timestamptz", "vector"]
 #: Rows per COPY / INSERT batch.
 BATCH = 2_000
