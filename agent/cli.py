@@ -120,7 +120,7 @@ def _print_result(result: AskResult, *, banner: str | None) -> None:
             )
     if result.similar_cases:
         typer.echo("")
-        typer.echo("Similar prior cases (other patients, by image embedding):")
+        typer.echo("Similar cases from the image index (same modality, this study excluded):")
         for case in result.similar_cases:
             typer.echo(f"  [{case['citation']}] {case.get('modality') or '?'} similarity {case['score']:.2f}")
     for warning in result.warnings:

@@ -5,7 +5,8 @@ each chosen image is embedded exactly once, and the same embeddings then give:
 
 - zero-shot label scores for the modality's versioned label set (text embeddings are cached);
 - the trained classifier's class probabilities, when one is configured (``imaging.classifier_path``);
-- the most similar studies of other patients from the similar-case index, when one exists.
+- the most similar archived studies of the same modality (other patients' or this patient's earlier
+  ones) from the similar-case index, when one exists.
 
 Every source records its own trace event (model, parameters, latency, image references, output),
 and a source that cannot run says why in the trace instead of failing the run, except a
@@ -26,6 +27,9 @@ from agent.domain.similar import SimilarCase
 from agent.errors import MedagentError
 from agent.inference.labels import LabelSet
 from agent.inference.protocols import ImageScorer
+
+#: Studies asked of the index per wanted case, so the modality filter still leaves enough.
+OVERFETCH = 4
 
 
 @dataclass
@@ -144,10 +148,14 @@ def similar_cases(
     study_uid: str,
     k: int,
     recorder: TraceRecorder,
+    modality: str | None = None,
 ) -> list[SimilarCase]:
     """Search the index with every image of the study; merge per study by best score.
 
-    The query study itself is excluded. An index made by another model, or one that cannot be
+    The query study itself is excluded, and so are studies of another modality (when both are
+    known): a CT that happens to embed near a chest X-ray is no reference for reading it. Each
+    image's search asks for more than ``k`` studies so the filter still leaves ``k`` when it can.
+    An index made by another model, or one that cannot be
     read, yields no cases and a trace note naming the reason: similar cases are context, not a
     precondition of an answer.
     """
@@ -158,7 +166,9 @@ def similar_cases(
     try:
         best: dict[str, Any] = {}
         for row in embeddings.numpy():
-            for hit in index.search(row[None, :], k, exclude_study_uid=study_uid, model=model):
+            for hit in index.search(row[None, :], k * OVERFETCH, exclude_study_uid=study_uid, model=model):
+                if modality and hit.modality and hit.modality.upper() != modality.upper():
+                    continue
                 if hit.study_uid not in best or hit.score > best[hit.study_uid].score:
                     best[hit.study_uid] = hit
     except MedagentError as exc:
@@ -176,6 +186,7 @@ def similar_cases(
             "queries": int(embeddings.shape[0]),
             "k": k,
             "excluded_study": study_uid,
+            "modality": modality,
             "results": [case.model_dump(mode="json", exclude={"label"}) for case in cases],
         },
     )

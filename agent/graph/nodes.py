@@ -393,7 +393,7 @@ async def image_findings(state: AskState, runtime: Runtime[RunContext]) -> dict[
     if ctx.image_index is not None and k > 0:
         study_uid = images[0].ref.study_uid
         analysis.similar_cases = await asyncio.to_thread(
-            similar_cases, ctx.image_index, ctx.scorer, embeddings, study_uid, k, ctx.recorder
+            similar_cases, ctx.image_index, ctx.scorer, embeddings, study_uid, k, ctx.recorder, modality
         )
     elif k > 0 and ctx.image_index_problem:
         ctx.recorder.event(NOTE, "similar_cases_unavailable", meta={"reason": ctx.image_index_problem})

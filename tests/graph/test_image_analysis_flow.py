@@ -82,12 +82,12 @@ def _vector(*values: float) -> np.ndarray:
 def _index(path: Path, model: IndexedModel) -> None:
     """Index three other studies at known similarities, plus the patient's own current study."""
 
-    def entry(study: str, ref: str | None, label: str) -> IndexEntry:
+    def entry(study: str, ref: str | None, label: str, modality: str = "DX") -> IndexEntry:
         return IndexEntry(
             study_uid=study,
             series_uid=f"{study}.1",
             sop_instance_uid=f"{study}.1.1",
-            modality="DX",
+            modality=modality,
             imaging_study_ref=ref,
             label=label,
         )
@@ -97,8 +97,10 @@ def _index(path: Path, model: IndexedModel) -> None:
         entry("1.2.826.0.1.9.2", None, "cardiomegaly"),
         entry("1.2.826.0.1.9.3", "ImagingStudy/sim-far", "normal"),
         entry(CURRENT["study_uid"], f"ImagingStudy/{CURRENT['imaging_study_id']}", "itself"),
+        # the closest of all, but a CT: no reference for reading a chest X-ray
+        entry("1.2.826.0.1.9.4", "ImagingStudy/ct-lookalike", "ct", modality="CT"),
     ]
-    vectors = np.stack([_vector(1, 0.1, 0, 0), _vector(1, 0.5, 0, 0), _vector(0, 0, 1, 0), QUERY])
+    vectors = np.stack([_vector(1, 0.1, 0, 0), _vector(1, 0.5, 0, 0), _vector(0, 0, 1, 0), QUERY, QUERY])
     with FileIndex(path, create=True) as index:
         index.add(entries, vectors, model)
 
@@ -139,7 +141,7 @@ async def test_probe_and_similar_cases_join_the_findings_and_are_citeable(tmp_pa
 
     assert result.status == "ok"
     assert scorer.embedded == [2]  # PA and lateral embedded once, in one batch, for all three sources
-    # the two most similar *other* studies, best first; the patient's own study is excluded
+    # the two most similar other studies of the same modality, best first; the current study is excluded
     assert [case["citation"] for case in result.similar_cases] == [
         "ImagingStudy/sim-close",
         "DicomStudy/1.2.826.0.1.9.2",
