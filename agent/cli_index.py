@@ -65,15 +65,21 @@ def _fail(exc: MedagentError, *, as_json: bool) -> None:
 
 
 @contextmanager
-def _existing_index(backend: str | None, index_path: Path | None, index_url: str | None) -> Iterator[Any]:
-    """Open the index the flags and settings name (it must exist), and close it afterwards."""
+def _existing_index(
+    backend: str | None, index_path: Path | None, index_url: str | None, *, as_json: bool
+) -> Iterator[Any]:
+    """Open the index the flags and settings name (it must exist), close it afterwards, report failures."""
     from agent.retrieval.factory import open_index
 
-    index = open_index(_settings(backend=backend, index_path=index_path, index_url=index_url).imaging, create=False)
     try:
-        yield index
-    finally:
-        index.close()
+        settings = _settings(backend=backend, index_path=index_path, index_url=index_url)
+        index = open_index(settings.imaging, create=False)
+        try:
+            yield index
+        finally:
+            index.close()
+    except MedagentError as exc:
+        fail(exc, as_json=as_json)
 
 
 def _load_model(settings: Settings) -> Any:
@@ -265,13 +271,7 @@ def _query_image(path: Path) -> Any:
         import numpy as np
 
         return Image.fromarray(pad_to_square(np.asarray(rgb)))
-    ref = InstanceRef(
-        study_uid=str(ds.get("StudyInstanceUID", "")),
-        series_uid=str(ds.get("SeriesInstanceUID", "")),
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-        modality=str(ds.get("Modality") or "") or None,
-    )
-    return prepare_instance(ds, ref).image
+    return prepare_instance(ds, InstanceRef.of_dataset(ds, missing_uid="")).image
 
 
 @index_app.command()
@@ -283,13 +283,8 @@ def delete(
     as_json: JsonOpt = False,
 ) -> None:
     """Remove a study's images from the index (space is reclaimed by rebuild)."""
-
-    try:
-        with _existing_index(backend, index_path, index_url) as index:
-            removed = index.delete(study_uid=study)
-    except MedagentError as exc:
-        _fail(exc, as_json=as_json)
-        return
+    with _existing_index(backend, index_path, index_url, as_json=as_json) as index:
+        removed = index.delete(study_uid=study)
     typer.echo(json.dumps({"status": "ok", "removed": removed}) if as_json else f"removed {removed} image(s)")
 
 
@@ -301,13 +296,8 @@ def rebuild(
     as_json: JsonOpt = False,
 ) -> None:
     """Reclaim deleted space and rebuild the search structure."""
-
-    try:
-        with _existing_index(backend, index_path, index_url) as index:
-            info = index.rebuild()
-    except MedagentError as exc:
-        _fail(exc, as_json=as_json)
-        return
+    with _existing_index(backend, index_path, index_url, as_json=as_json) as index:
+        info = index.rebuild()
     typer.echo(info.model_dump_json() if as_json else f"rebuilt: {info.count} image(s), {info.studies} study(ies)")
 
 
@@ -319,13 +309,8 @@ def info(
     as_json: JsonOpt = False,
 ) -> None:
     """Show the index's model, dimension and counts."""
-
-    try:
-        with _existing_index(backend, index_path, index_url) as index:
-            described = index.info()
-    except MedagentError as exc:
-        _fail(exc, as_json=as_json)
-        return
+    with _existing_index(backend, index_path, index_url, as_json=as_json) as index:
+        described = index.info()
     if as_json:
         typer.echo(described.model_dump_json())
         return

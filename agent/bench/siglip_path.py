@@ -139,7 +139,7 @@ def image_path(model: MedSigLIP, files: list[bytes]) -> torch.Tensor:
     prepared = []
     for raw in files:
         ds = dcmread(io.BytesIO(raw))
-        prepared.append(prepare_instance(ds, _ref(ds)).image)
+        prepared.append(prepare_instance(ds, InstanceRef.of_dataset(ds)).image)
     return model.embed_images(prepared)
 
 
@@ -158,7 +158,7 @@ def measure_siglip_path(
     if image_path(model, files).shape[0] != images:
         raise RuntimeError("the image path returned the wrong number of embeddings")
     datasets = [dcmread(io.BytesIO(raw)) for raw in files]
-    pictures = [prepare_instance(ds, _ref(ds)).image for ds in datasets]
+    pictures = [prepare_instance(ds, InstanceRef.of_dataset(ds)).image for ds in datasets]
     batches = [
         model.processor(images=pictures[start : start + model.batch_size], return_tensors="pt")["pixel_values"].to(
             next(model.model.parameters()).device, dtype=next(model.model.parameters()).dtype
@@ -183,13 +183,4 @@ def measure_siglip_path(
         batch_size=model.batch_size,
         repeats=repeats,
         dtype=model.identity.dtype,
-    )
-
-
-def _ref(ds: Dataset) -> InstanceRef:
-    return InstanceRef(
-        study_uid=ds.StudyInstanceUID,
-        series_uid=ds.SeriesInstanceUID,
-        sop_instance_uid=ds.SOPInstanceUID,
-        modality=ds.Modality,
     )

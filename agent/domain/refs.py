@@ -6,6 +6,8 @@ the citation checker verifies.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -52,6 +54,41 @@ class InstanceRef(BaseModel):
     view_position: str | None = None
     instance_number: int | None = None
     series_description: str | None = None
+
+    @classmethod
+    def of_dataset(cls, ds: Any, *, missing_uid: str | None = None) -> InstanceRef:
+        """Build the reference of a pydicom Dataset from its header (UIDs, modality, view, number, series).
+
+        Args:
+            ds: the dataset (header only is enough).
+            missing_uid: stands in for an absent UID; ``None`` makes an absent UID an error.
+
+        Raises:
+            KeyError: a UID is absent and ``missing_uid`` is None.
+        """
+
+        def text(keyword: str) -> str | None:
+            value = ds.get(keyword)
+            return str(value).strip() or None if value not in (None, "") else None
+
+        def uid(keyword: str) -> str:
+            value = text(keyword)
+            if value is None:
+                if missing_uid is None:
+                    raise KeyError(f"the dataset has no {keyword}")
+                return missing_uid
+            return value
+
+        number = text("InstanceNumber")
+        return cls(
+            study_uid=uid("StudyInstanceUID"),
+            series_uid=uid("SeriesInstanceUID"),
+            sop_instance_uid=uid("SOPInstanceUID"),
+            modality=text("Modality"),
+            view_position=text("ViewPosition"),
+            instance_number=int(number) if number is not None and number.lstrip("-").isdigit() else None,
+            series_description=text("SeriesDescription"),
+        )
 
 
 class StudyRef(BaseModel):

@@ -206,7 +206,6 @@ def build_tiny_medgemma(target: Path) -> Path:
         Gemma3ForConditionalGeneration,
         Gemma3ImageProcessorPil,
         Gemma3Processor,
-        GenerationConfig,
     )
 
     target.mkdir(parents=True, exist_ok=True)
@@ -254,15 +253,7 @@ def build_tiny_medgemma(target: Path) -> Path:
     torch.manual_seed(SEED)
     model = Gemma3ForConditionalGeneration(config).eval()
     _silence_special_logits(model, [special_ids[tok] for tok in _all_gemma_specials()])
-    model.generation_config = GenerationConfig(
-        bos_token_id=special_ids["<bos>"],
-        pad_token_id=special_ids["<pad>"],
-        eos_token_id=[special_ids["<eos>"], special_ids["<end_of_turn>"]],
-        # The real checkpoint ships sampling defaults; the adapter must override them for greedy.
-        do_sample=True,
-        top_k=64,
-        top_p=0.95,
-    )
+    model.generation_config = _gemma_generation_config(special_ids)
     with _quiet_saving():
         model.save_pretrained(target)
 
@@ -295,7 +286,7 @@ def build_tiny_medgemma_text(target: Path) -> Path:
     Returns:
         ``target``.
     """
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     target.mkdir(parents=True, exist_ok=True)
     _remove_marker(target)
@@ -321,7 +312,21 @@ def build_tiny_medgemma_text(target: Path) -> Path:
     torch.manual_seed(SEED)
     model = Gemma3ForCausalLM(config).eval()
     _silence_special_logits(model, [special_ids[tok] for tok in _all_gemma_specials()])
-    model.generation_config = GenerationConfig(
+    model.generation_config = _gemma_generation_config(special_ids)
+    with _quiet_saving():
+        model.save_pretrained(target)
+    _write_marker(target, kind="medgemma-text")
+    return target
+
+
+def _gemma_generation_config(special_ids: dict[str, int]) -> Any:
+    """Return the real checkpoints' generation config: stop at <eos> or <end_of_turn>, sampling defaults.
+
+    The real checkpoint ships sampling defaults; the adapter must override them for greedy decoding.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
         bos_token_id=special_ids["<bos>"],
         pad_token_id=special_ids["<pad>"],
         eos_token_id=[special_ids["<eos>"], special_ids["<end_of_turn>"]],
@@ -329,10 +334,6 @@ def build_tiny_medgemma_text(target: Path) -> Path:
         top_k=64,
         top_p=0.95,
     )
-    with _quiet_saving():
-        model.save_pretrained(target)
-    _write_marker(target, kind="medgemma-text")
-    return target
 
 
 def ensure_test_text_model(base_dir: Path) -> Path:

@@ -242,12 +242,7 @@ def _load_dicom(path: Path) -> Image.Image:
         raise TrainingDataError(
             f"cannot read {path} as DICOM: {type(exc).__name__}: {exc}", details={"path": str(path)}
         ) from exc
-    ref = InstanceRef(
-        study_uid=str(ds.get("StudyInstanceUID", "") or "unknown"),
-        series_uid=str(ds.get("SeriesInstanceUID", "") or "unknown"),
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "") or "unknown"),
-        modality=str(ds.get("Modality", "") or "") or None,
-    )
+    ref = InstanceRef.of_dataset(ds, missing_uid="unknown")
     try:
         return prepare_instance(ds, ref).image
     except MedagentError as exc:

@@ -125,14 +125,7 @@ def _scan_folder(folder: Path, report: IngestReport) -> dict[str, list[tuple[Ins
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-            ref = InstanceRef(
-                study_uid=str(ds.StudyInstanceUID),
-                series_uid=str(ds.SeriesInstanceUID),
-                sop_instance_uid=str(ds.SOPInstanceUID),
-                modality=str(ds.get("Modality") or "") or None,
-                view_position=str(ds.get("ViewPosition") or "") or None,
-                instance_number=int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None,
-            )
+            ref = InstanceRef.of_dataset(ds)
         except InvalidDicomError:
             continue  # not DICOM (a README, a PNG): nothing to index
         except Exception as exc:
