@@ -55,8 +55,7 @@ def embed_once(scorer: ImageScorer, images: list[PreparedImage], recorder: Trace
         duration_ms=(time.perf_counter() - started) * 1000,
         meta={
             **scorer.identity.model_dump(),
-            "images": len(images),
-            "image_refs": [image.ref.sop_instance_uid for image in images],
+            **_image_meta(images),
             "embedding_dim": int(embeddings.shape[1]),
         },
     )
@@ -77,16 +76,7 @@ def zero_shot_findings(
     except MedagentError as exc:
         record_failed_call(recorder, "medsiglip.zero_shot", scorer, started, exc)
         raise
-    findings = [
-        Finding(
-            image=image.ref,
-            model_id=scorer.identity.model_id,
-            scores=scores,
-            source="zero-shot",
-            label_set=label_set.key,
-        )
-        for image, scores in zip(images, raw, strict=True)
-    ]
+    findings = _as_findings(images, raw, scorer.identity.model_id, "zero-shot", label_set.key)
     recorder.event(
         MODEL_CALL,
         "medsiglip.zero_shot",
@@ -95,8 +85,7 @@ def zero_shot_findings(
         meta={
             **scorer.identity.model_dump(),
             "parameters": {"label_set": label_set.key, "labels": len(label_set.labels)},
-            "images": len(images),
-            "image_refs": [image.ref.sop_instance_uid for image in images],
+            **_image_meta(images),
         },
         content={"output": [finding.model_dump(mode="json") for finding in findings]},
     )
@@ -119,10 +108,7 @@ def classifier_findings(
     started = time.perf_counter()
     raw = classifier.predict(embeddings)
     key = classifier.label_set.key
-    findings = [
-        Finding(image=image.ref, model_id=scorer.identity.model_id, scores=scores, source="classifier", label_set=key)
-        for image, scores in zip(images, raw, strict=True)
-    ]
+    findings = _as_findings(images, raw, scorer.identity.model_id, "classifier", key)
     recorder.event(
         MODEL_CALL,
         "classifier.predict",
@@ -133,8 +119,7 @@ def classifier_findings(
             "backend": "medagent-probe",
             "embedding_model": scorer.identity.model_id,
             "classes": list(classifier.classes),
-            "images": len(images),
-            "image_refs": [image.ref.sop_instance_uid for image in images],
+            **_image_meta(images),
         },
         content={"output": [finding.model_dump(mode="json") for finding in findings]},
     )
@@ -191,6 +176,21 @@ def similar_cases(
         },
     )
     return cases
+
+
+def _as_findings(
+    images: list[PreparedImage], raw: list[list[Any]], model_id: str, source: str, label_set: str
+) -> list[Finding]:
+    """Pair each image with its scores from one finding source."""
+    return [
+        Finding(image=image.ref, model_id=model_id, scores=scores, source=source, label_set=label_set)
+        for image, scores in zip(images, raw, strict=True)
+    ]
+
+
+def _image_meta(images: list[PreparedImage]) -> dict[str, Any]:
+    """Return what a model call's trace record says about its images: how many, and which instances."""
+    return {"images": len(images), "image_refs": [image.ref.sop_instance_uid for image in images]}
 
 
 def record_failed_call(
