@@ -225,14 +225,59 @@ class ApiKeySpec(BaseModel):
     roles: list[Role]
 
 
+class OidcSettings(BaseModel):
+    """OIDC bearer tokens: JWTs verified against the issuer's JWKS (off unless ``issuer`` is set)."""
+
+    issuer: str | None = Field(None, description="The expected `iss`; setting it turns OIDC on.")
+    audience: str | None = Field(None, description="The expected `aud`.")
+    jwks_url: str | None = Field(None, description="Where the signing keys are (default: discovered from the issuer).")
+    roles_claim: str = Field("roles", description="The claim (dotted path allowed) holding the caller's roles.")
+    user_claim: str = Field("sub", description="The claim naming the caller.")
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "PS256"])
+    leeway_s: int = Field(30, ge=0, le=300)
+    jwks_cache_s: int = Field(300, ge=0)
+
+
 class ServiceSettings(BaseModel):
     """The HTTP API."""
 
     host: str = "127.0.0.1"
     port: int = 8000
+    public_base_url: str | None = Field(
+        None, description="The URL clients reach the service at (links in CDS cards); default http://host:port."
+    )
     api_keys: list[ApiKeySpec] = Field(
         default_factory=list,
         description="API keys (JSON list; `medagent config api-key` makes one). Without any, dev runs open.",
+    )
+    oidc: OidcSettings = Field(default_factory=OidcSettings)
+    rate_limit_per_minute: int = Field(120, ge=0, description="Requests per minute per key or user (0: no limit).")
+    cors_origins: list[str] = Field(default_factory=list, description="Origins allowed to call the API from a browser.")
+    subscription_secret: SecretStr | None = Field(
+        None, description="The shared secret FHIR servers send in the subscription's header (required in prod)."
+    )
+    subscription_secret_header: str = "X-Subscription-Secret"
+
+
+class JobsSettings(BaseModel):
+    """Triggered summaries: the job queue and what a job does."""
+
+    backend: Literal["inprocess", "saq"] = Field(
+        "inprocess", description="inprocess: a worker task in the API process over the SQL jobs table; saq: Redis."
+    )
+    redis_url: SecretStr = Field(SecretStr("redis://127.0.0.1:6379/0"), description="The saq backend's Redis.")
+    queue_name: str = "medagent-summaries"
+    max_attempts: int = Field(3, ge=1, le=20)
+    backoff_s: float = Field(2.0, ge=0, description="First retry delay; doubled each attempt, with jitter.")
+    job_timeout_s: float = Field(600, gt=0)
+    poll_interval_s: float = Field(0.5, gt=0)
+    concurrency: int = Field(1, ge=1, le=32)
+    summary_question: str = Field(
+        "Summarize this patient's current problems, medications, allergies, recent results and imaging.",
+        description="The question a summary job asks.",
+    )
+    write_back: bool = Field(
+        False, description="Write each summary to the FHIR server (DocumentReference + Provenance)."
     )
 
 
@@ -256,6 +301,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     agent: AgentSettings = Field(default_factory=AgentSettings)
+    jobs: JobsSettings = Field(default_factory=JobsSettings)
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:
@@ -264,8 +310,12 @@ class Settings(BaseSettings):
                 raise ValueError("test models are refused when environment=prod")
             if self.db.url.get_secret_value().startswith("sqlite"):
                 raise ValueError("environment=prod needs a server database, not SQLite")
-            if not self.service.api_keys:
-                raise ValueError("environment=prod needs API keys (MEDAGENT_SERVICE__API_KEYS): the API is never open")
+            if not (self.service.api_keys or self.service.oidc.issuer):
+                raise ValueError(
+                    "environment=prod needs API keys (MEDAGENT_SERVICE__API_KEYS) or OIDC: the API is never open"
+                )
+            if self.service.subscription_secret is None:
+                raise ValueError("environment=prod needs MEDAGENT_SERVICE__SUBSCRIPTION_SECRET for FHIR notifications")
             if not (self.audit.hmac_key or self.audit.ed25519_private_key_file):
                 raise ValueError(
                     "environment=prod needs an audit signing key (MEDAGENT_AUDIT__HMAC_KEY or an Ed25519 key file)"
@@ -277,6 +327,7 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json")
         url = self.db.url.get_secret_value()
         data["db"]["url"] = _mask_url_password(url)
+        data["jobs"]["redis_url"] = _mask_url_password(self.jobs.redis_url.get_secret_value())
         if self.imaging.index_url is not None:
             data["imaging"]["index_url"] = _mask_url_password(self.imaging.index_url.get_secret_value())
         return data

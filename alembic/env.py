@@ -10,6 +10,7 @@ from alembic import context
 
 from agent.audit.db import make_engine
 from agent.audit.tables import Base
+from agent.jobs import tables as _service_tables  # noqa: F401  (registers the service tables)
 
 config = context.config
 target_metadata = Base.metadata

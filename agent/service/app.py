@@ -8,10 +8,12 @@ Errors are problem+json with a safe message and the run id, so a failed run can 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -26,37 +28,28 @@ from agent.audit.verify import VerifyReport, verify_trace
 from agent.config import Settings
 from agent.domain.answer import AskResult
 from agent.errors import MedagentError
+from agent.jobs.lifecycle import run_job_queue
 from agent.runner import run_ask
 from agent.runtime import AgentRuntime
+from agent.service import routes_cds, routes_health, routes_notifications, routes_summaries, routes_threads, routes_ui
 from agent.service.auth import PrincipalDep, require, require_content_access
+from agent.service.deps import ERROR_RESPONSES, PROBLEM_JSON, RuntimeDep
+from agent.service.middleware import install_middleware
 from agent.service.schemas import AskRequest, Problem
-
-PROBLEM_JSON = "application/problem+json"
-_ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
-    status: {"model": Problem, "description": text}
-    for status, text in (
-        (401, "No valid API key"),
-        (403, "The caller lacks the role"),
-        (404, "Not found"),
-        (422, "Invalid request"),
-        (502, "A source failed"),
-        (503, "Unavailable"),
-    )
-}
-
-
-def get_runtime(request: Request) -> AgentRuntime:
-    """Return the process's runtime (a FastAPI dependency)."""
-    runtime: AgentRuntime = request.app.state.runtime
-    return runtime
-
-
-RuntimeDep = Annotated[AgentRuntime, Depends(get_runtime)]
 
 
 def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastAPI:
     """Build the app for these settings (tests pass their own runtime)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with run_job_queue(app.state.runtime) as queue:
+            app.state.job_queue = queue
+            yield
+            app.state.job_queue = None
+
     app = FastAPI(
+        lifespan=lifespan,
         title="medagent",
         version=__version__,
         description=(
@@ -65,6 +58,8 @@ def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastA
         ),
     )
     app.state.runtime = runtime or AgentRuntime(settings=settings)
+    app.state.job_queue = None
+    install_middleware(app, settings)
 
     @app.exception_handler(MedagentError)
     async def _medagent_error(_: Request, exc: MedagentError) -> JSONResponse:
@@ -88,7 +83,7 @@ def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastA
         )
         return JSONResponse(problem.model_dump(), status_code=422, media_type=PROBLEM_JSON)
 
-    @app.post("/v1/ask", response_model=AskResult, responses=_ERROR_RESPONSES, tags=["ask"])
+    @app.post("/v1/ask", response_model=AskResult, responses=ERROR_RESPONSES, tags=["ask"])
     async def ask(body: AskRequest, runtime: RuntimeDep, principal: PrincipalDep) -> AskResult:
         """Answer a question about a patient; the answer's citations are checked against the sources.
 
@@ -132,7 +127,7 @@ def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastA
         )
         return list_runs(runtime.engine, limit=min(max(limit, 1), 500), filters=filters)
 
-    @app.get("/v1/runs/{run_id}", response_model=RunTrace, responses=_ERROR_RESPONSES, tags=["audit"])
+    @app.get("/v1/runs/{run_id}", response_model=RunTrace, responses=ERROR_RESPONSES, tags=["audit"])
     async def run(run_id: str, runtime: RuntimeDep, principal: PrincipalDep, content: bool = False) -> RunTrace:
         """Return a run's trace: every node, FHIR request, DICOM retrieval and model call, in order (auditor).
 
@@ -143,7 +138,7 @@ def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastA
         runtime.ensure_schema()
         return load_run(runtime.engine, run_id, include_content=content, cipher=runtime.cipher)
 
-    @app.get("/v1/runs/{run_id}/verify", response_model=VerifyReport, responses=_ERROR_RESPONSES, tags=["audit"])
+    @app.get("/v1/runs/{run_id}/verify", response_model=VerifyReport, responses=ERROR_RESPONSES, tags=["audit"])
     async def verify_run(run_id: str, runtime: RuntimeDep, principal: PrincipalDep) -> VerifyReport:
         """Verify one run's records, content, Merkle root and the checkpoints over it (auditor)."""
         require(principal, "auditor", "admin")
@@ -157,7 +152,7 @@ def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastA
         runtime.ensure_schema()
         return await asyncio.to_thread(verify_trace, runtime.engine, verifiers=verifiers_for(runtime.signer))
 
-    @app.get("/v1/runs/{run_id}/export", responses=_ERROR_RESPONSES, tags=["audit"])
+    @app.get("/v1/runs/{run_id}/export", responses=ERROR_RESPONSES, tags=["audit"])
     async def export(
         run_id: str,
         runtime: RuntimeDep,
@@ -176,7 +171,7 @@ def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastA
             return export_otel(trace, include_content=content)
         return export_json(trace)
 
-    @app.get("/v1/runs/{run_id}/replay", response_model=ReplayResult, responses=_ERROR_RESPONSES, tags=["audit"])
+    @app.get("/v1/runs/{run_id}/replay", response_model=ReplayResult, responses=ERROR_RESPONSES, tags=["audit"])
     async def replay_run(run_id: str, runtime: RuntimeDep, principal: PrincipalDep) -> ReplayResult:
         """Rebuild the run's answer, sources, citations and timeline from the trace alone (auditor and clinician)."""
         require(principal, "auditor", "admin")
@@ -184,9 +179,6 @@ def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastA
         runtime.ensure_schema()
         return replay(load_run(runtime.engine, run_id, cipher=runtime.cipher))
 
-    @app.get("/healthz", tags=["health"])
-    async def health() -> dict[str, str]:
-        """Report that the process is up."""
-        return {"status": "ok", "version": __version__}
-
+    for module in (routes_health, routes_threads, routes_summaries, routes_notifications, routes_cds, routes_ui):
+        app.include_router(module.router)
     return app

@@ -92,6 +92,9 @@ def test_production_refuses_an_open_api(monkeypatch: pytest.MonkeyPatch) -> None
         get_settings()
     _, spec = new_api_key("svc", ["service"], "svc")
     monkeypatch.setenv("MEDAGENT_SERVICE__API_KEYS", json.dumps([spec.model_dump()]))
+    with pytest.raises(ConfigError, match="SUBSCRIPTION_SECRET"):
+        get_settings()
+    monkeypatch.setenv("MEDAGENT_SERVICE__SUBSCRIPTION_SECRET", "s" * 32)
     assert get_settings().service.api_keys[0].user == "svc"
 
 

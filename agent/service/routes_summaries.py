@@ -1,0 +1,7 @@
+"""(being built) routes: summaries."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()
