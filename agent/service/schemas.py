@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
-
-class AskRequest(BaseModel):
-    """A question about one patient."""
-
-    patient_id: str = Field(
+#: How a request names a patient: a FHIR logical id, or ``identifier=SYSTEM|VALUE``.
+PatientId = Annotated[
+    str,
+    Field(
         min_length=1,
         max_length=256,
         pattern=r"^([A-Za-z0-9\-.]{1,64}|identifier=[^,\\$\s]{1,240})$",
         description="A logical id, or identifier=SYSTEM|VALUE (e.g. an MRN); several matches are refused.",
         examples=["c02b6052-1523-5c41-983c-e2e4f28a22a9", "identifier=http://hospital.example.org/mrn|MRN-100001"],
-    )
+    ),
+]
+
+
+class AskRequest(BaseModel):
+    """A question about one patient."""
+
+    patient_id: PatientId
     question: str = Field(min_length=1, max_length=4000, examples=["What are the active problems?"])
     as_of: datetime | None = Field(None, description="Reference date for relative times (default: now).")
 
