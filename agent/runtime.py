@@ -41,6 +41,10 @@ class ModelCache:
     loader: ModelLoader = _default_loader
     _loaded: dict[str, LoadedModels] = field(default_factory=dict)
 
+    def is_loaded(self, settings: Settings) -> bool:
+        """Return whether the models for these settings are loaded already."""
+        return settings.models.model_dump_json() in self._loaded
+
     def get(self, settings: Settings) -> tuple[LoadedModels, bool]:
         """Return the models for these settings and whether they were loaded just now."""
         key = settings.models.model_dump_json()
