@@ -7,6 +7,7 @@ without importing torch or LangGraph.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -90,6 +91,8 @@ class AgentRuntime:
     models: ModelCache = field(default_factory=ModelCache)
     _engine: Engine | None = None
     _schema_checked: bool = False
+    #: held while the schema is checked or migrated: API requests and the job worker start together
+    _schema_lock: threading.Lock = field(default_factory=threading.Lock)
     _signer: CheckpointSigner | None = None
     _cipher: ContentCipher | None = None
     #: the compiled ask graph (stateless: compiled once per process, not per run)
@@ -154,7 +157,11 @@ class AgentRuntime:
 
     def ensure_schema(self) -> None:
         """Check (and in dev, apply) migrations once per process, then close runs of dead processes."""
-        if not self._schema_checked:
+        if self._schema_checked:
+            return
+        with self._schema_lock:
+            if self._schema_checked:
+                return
             ensure_schema(self.engine, auto_migrate=self.settings.db.auto_migrate)
             interrupted = mark_interrupted_runs(self.engine, **self.recorder_options())
             if interrupted:

@@ -35,7 +35,7 @@ RUN_FIELDS = (
 )
 
 
-class Problem(BaseModel):
+class IntegrityProblem(BaseModel):
     """One broken thing, named precisely enough to find it in the database."""
 
     code: str
@@ -51,7 +51,7 @@ class VerifyReport(BaseModel):
     records: int = 0
     runs: int = 0
     checkpoints: int = 0
-    problems: list[Problem] = Field(default_factory=list)
+    problems: list[IntegrityProblem] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
     head: dict[str, Any] | None = Field(
         None, description="The chain's last record and newest checkpoint: anchor these outside the database."
@@ -65,11 +65,11 @@ def _where(event: Any) -> str:
 class _Checker:
     def __init__(self, verifiers: dict[str, CheckpointSigner]) -> None:
         self.verifiers = verifiers
-        self.problems: list[Problem] = []
+        self.problems: list[IntegrityProblem] = []
         self.warnings: list[str] = []
 
     def problem(self, code: str, where: str, message: str) -> None:
-        self.problems.append(Problem(code=code, where=where, message=message))
+        self.problems.append(IntegrityProblem(code=code, where=where, message=message))
 
     def check_record(self, event: Any, body: str | None, content_run: str | None) -> None:
         """Recompute the record's hash and check its content."""

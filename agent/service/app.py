@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
 from agent import __version__
@@ -179,6 +180,39 @@ def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastA
         runtime.ensure_schema()
         return replay(load_run(runtime.engine, run_id, cipher=runtime.cipher))
 
+    app.openapi = lambda: _openapi_with_problem_json(app)  # type: ignore[method-assign]
     for module in (routes_health, routes_threads, routes_summaries, routes_notifications, routes_cds, routes_ui):
         app.include_router(module.router)
     return app
+
+
+#: Routes that answer without credentials (probes, the UI's static files).
+UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/readyz", "/", "/ui/", "/ui/static/{path}"})
+
+
+def _openapi_with_problem_json(app: FastAPI) -> dict[str, Any]:
+    """Return the spec with every error response documented as the problem+json the handlers send.
+
+    FastAPI documents extra responses as ``application/json`` and 422s as its own validation schema;
+    the app answers errors as RFC 9457 ``application/problem+json`` with :class:`Problem`.
+    """
+    if app.openapi_schema is None:
+        spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        problem = {"$ref": "#/components/schemas/Problem"}
+        spec.setdefault("components", {}).setdefault("schemas", {}).setdefault(
+            "Problem", Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+        )
+        for route, path in spec.get("paths", {}).items():
+            for operation in path.values():
+                responses = operation.setdefault("responses", {})
+                if route not in UNAUTHENTICATED_PATHS:  # auth and rate limits apply to every other route
+                    for status in ("401", "403", "422", "429"):
+                        responses.setdefault(status, {"description": ERROR_RESPONSES[int(status)]["description"]})
+                for status, response in responses.items():
+                    schema = response.get("content", {}).get("application/json", {}).get("schema")
+                    if status == "422" or schema == problem or (status[0] in "45" and "content" not in response):
+                        response["content"] = {PROBLEM_JSON: {"schema": problem}}
+        for unused in ("HTTPValidationError", "ValidationError"):
+            spec["components"]["schemas"].pop(unused, None)
+        app.openapi_schema = spec
+    return app.openapi_schema

@@ -18,7 +18,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 from sqlalchemy import Engine, insert, select
 
 from agent.audit.reader import load_run
@@ -97,14 +98,29 @@ class ThreadView(ThreadInfo):
 class MessageRequest(BaseModel):
     """A new question, or the answer to the thread's pending interrupt (exactly one)."""
 
-    question: str | None = Field(None, min_length=1, max_length=4000, examples=["What is the latest BNP?"])
-    resume: dict[str, Any] | None = Field(
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["question"]}, {"required": ["resume"]}]})
+
+    question: str | SkipJsonSchema[None] = Field(
+        None, min_length=1, max_length=4000, examples=["What is the latest BNP?"]
+    )
+    resume: dict[str, Any] | SkipJsonSchema[None] = Field(
         None,
         description='The answer to an interrupt: {"patient_id": ...} for an ambiguous patient, '
         '{"confirm": true, "purpose": "..."} for restricted record types.',
         examples=[{"patient_id": "c02b6052-1523-5c41-983c-e2e4f28a22a9"}],
     )
-    as_of: datetime | None = Field(None, description="Reference date for relative times (default: now).")
+    as_of: datetime | SkipJsonSchema[None] = Field(
+        None, description="Reference date for relative times (default: now)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            nulls = [key for key in ("question", "resume", "as_of") if key in data and data[key] is None]
+            if nulls:
+                raise ValueError(f"leave out rather than null: {', '.join(nulls)}")
+        return data
 
     @model_validator(mode="after")
     def _exactly_one(self) -> MessageRequest:
