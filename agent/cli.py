@@ -622,6 +622,20 @@ def bench_audit(
     typer.echo(json.dumps(results))
 
 
+@bench_app.command("service")
+def bench_service(
+    chats: Annotated[int, typer.Option(help="Concurrent SSE chats (each a new thread and one question).")] = 100,
+    sequential: Annotated[int, typer.Option(help="Chats run one at a time first, for the unloaded baseline.")] = 20,
+    db_url: Annotated[
+        str | None, typer.Option(help="Trace and thread database (default: SQLite files in a temp folder).")
+    ] = None,
+) -> None:
+    """Run concurrent chats against `medagent serve` with a fast fake model: errors, added latency, peak memory."""
+    from agent.bench.service import run_benchmark
+
+    run_benchmark(chats=chats, sequential=sequential, db_url=db_url, echo=typer.echo)  # its last line is the JSON
+
+
 @bench_app.command("fhir")
 def bench_fhir(
     observations: Annotated[int, typer.Option(help="Observations of the generated patient.")] = 5000,

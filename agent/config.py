@@ -150,6 +150,12 @@ class DbSettings(BaseModel):
         description="SQLAlchemy URL; secret because it may hold a password.",
     )
     auto_migrate: bool = Field(True, description="Apply migrations before the first run (dev only).")
+    max_concurrent_runs: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Runs of one process that record at once; more wait their turn (each holds a pooled connection).",
+    )
 
 
 class AuditSettings(BaseModel):

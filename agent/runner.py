@@ -116,7 +116,13 @@ async def resume_ask(
     )
 
 
-async def _execute(
+async def _execute(runtime: AgentRuntime, graph_input: Any, **run: Any) -> AskResult:
+    """Run once a run slot is free (``db.max_concurrent_runs``); the wait is not part of the trace."""
+    async with runtime.run_slot():
+        return await _execute_now(runtime, graph_input, **run)
+
+
+async def _execute_now(
     runtime: AgentRuntime,
     graph_input: Any,
     *,

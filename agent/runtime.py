@@ -6,9 +6,12 @@ without importing torch or LangGraph.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -93,6 +96,10 @@ class AgentRuntime:
     _schema_checked: bool = False
     #: held while the schema is checked or migrated: API requests and the job worker start together
     _schema_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: per event loop (tests run several): how many runs may record at once
+    _run_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = field(
+        default_factory=weakref.WeakKeyDictionary
+    )
     _signer: CheckpointSigner | None = None
     _cipher: ContentCipher | None = None
     #: the compiled ask graph (stateless: compiled once per process, not per run)
@@ -152,8 +159,25 @@ class AgentRuntime:
     def engine(self) -> Engine:
         """Return the trace database engine (created on first use)."""
         if self._engine is None:
-            self._engine = make_engine(self.settings.db.url.get_secret_value())
+            # headroom beyond the runs: readiness checks, API reads and short audited views
+            pool_size = self.settings.db.max_concurrent_runs + 4
+            self._engine = make_engine(self.settings.db.url.get_secret_value(), pool_size=pool_size)
         return self._engine
+
+    @asynccontextmanager
+    async def run_slot(self) -> AsyncIterator[None]:
+        """Wait (without blocking the event loop) for one of ``db.max_concurrent_runs`` slots.
+
+        A run holds a pooled trace connection from start to end; unbounded, the run past the pool's
+        size would block the event loop in the pool's checkout while the runs holding connections
+        wait for that loop: every stream stalls. Waiting here instead queues runs fairly.
+        """
+        loop = asyncio.get_running_loop()
+        slots = self._run_slots.get(loop)
+        if slots is None:
+            slots = self._run_slots[loop] = asyncio.Semaphore(self.settings.db.max_concurrent_runs)
+        async with slots:
+            yield
 
     def ensure_schema(self) -> None:
         """Check (and in dev, apply) migrations once per process, then close runs of dead processes."""

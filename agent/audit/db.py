@@ -23,13 +23,23 @@ from alembic import command
 MIGRATIONS_DIR = PROJECT_ROOT / "alembic"
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine; for SQLite, create the file's folder and enforce foreign keys."""
+def make_engine(url: str, *, pool_size: int = 5) -> Engine:
+    """Create an engine; for SQLite, create the file's folder and enforce foreign keys.
+
+    Args:
+        pool_size: connections kept open; a recording run holds one for its whole length, so a
+            process sizes this above its number of concurrent runs.
+    """
     parsed = make_url(url)
+    pool: dict[str, Any] = {"pool_size": pool_size, "max_overflow": 10}
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        database = parsed.database
+        in_memory = not database or database == ":memory:"
+        if database and not in_memory:
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, **({} if in_memory else pool)
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -51,7 +61,7 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **pool)
 
 
 def alembic_config(url: str) -> Config:
