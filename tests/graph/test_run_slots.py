@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 
 from agent.audit.reader import load_run
@@ -20,7 +21,7 @@ async def test_runs_beyond_the_limit_wait_their_turn(tmp_path: Path) -> None:
         (trace.events[0].at, trace.events[-1].at) for trace in (load_run(runtime.engine, r.run_id) for r in results)
     )
     # one at a time: each run starts after the previous one finished
-    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))
+    assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(spans))
 
 
 async def test_without_a_limit_of_one_runs_overlap(tmp_path: Path) -> None:
@@ -31,4 +32,4 @@ async def test_without_a_limit_of_one_runs_overlap(tmp_path: Path) -> None:
     spans = sorted(
         (trace.events[0].at, trace.events[-1].at) for trace in (load_run(runtime.engine, r.run_id) for r in results)
     )
-    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))
+    assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans))
