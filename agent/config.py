@@ -243,6 +243,14 @@ class OidcSettings(BaseModel):
     leeway_s: int = Field(30, ge=0, le=300)
     jwks_cache_s: int = Field(300, ge=0)
 
+    @model_validator(mode="after")
+    def _audience_with_issuer(self) -> OidcSettings:
+        if self.issuer and not self.audience:
+            raise ValueError(
+                "service.oidc.audience is required with an issuer: tokens minted for other apps are refused"
+            )
+        return self
+
 
 class ServiceSettings(BaseModel):
     """The HTTP API."""
@@ -257,7 +265,12 @@ class ServiceSettings(BaseModel):
         description="API keys (JSON list; `medagent config api-key` makes one). Without any, dev runs open.",
     )
     oidc: OidcSettings = Field(default_factory=OidcSettings)
-    rate_limit_per_minute: int = Field(120, ge=0, description="Requests per minute per key or user (0: no limit).")
+    rate_limit_per_minute: int = Field(
+        120,
+        ge=0,
+        description="Token bucket per caller (key, user or address): bursts up to N, N per minute; 0 or an open "
+        "dev process: no limit.",
+    )
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed to call the API from a browser.")
     subscription_secret: SecretStr | None = Field(
         None, description="The shared secret FHIR servers send in the subscription's header (required in prod)."
