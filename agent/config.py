@@ -164,7 +164,9 @@ class AuditSettings(BaseModel):
     hmac_key: SecretStr | None = Field(None, description="Shared secret for HMAC-SHA256 checkpoint signatures.")
     ed25519_private_key_file: Path | None = Field(None, description="PEM Ed25519 key that signs checkpoints.")
     ed25519_public_key_file: Path | None = Field(None, description="PEM public key: verify without signing.")
-    content_key: SecretStr | None = Field(None, description="Fernet key encrypting prompts, outputs and notes.")
+    content_key: SecretStr | None = Field(
+        None, description="Fernet key encrypting prompts, outputs and notes in the trace, and thread checkpoints."
+    )
     checkpoint_every: int = Field(100, ge=1, description="Write a signed checkpoint every N records (and per run).")
     otlp_endpoint: str | None = Field(
         None, description="OTLP/HTTP collector: each finished run's spans are sent there (content never)."

@@ -176,7 +176,7 @@ async def _execute_now(
             state = await _invoke(runtime.graph, graph_input, context, config)
         else:
             config["configurable"] = {"thread_id": thread_id}
-            async with open_checkpointer(settings.agent) as checkpointer:
+            async with open_checkpointer(settings.agent, settings.audit.content_key) as checkpointer:
                 state = await _invoke(build_ask_graph(checkpointer), graph_input, context, config)
         recorder.current_node = None
         pending = state.get("__interrupt__")

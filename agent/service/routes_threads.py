@@ -265,7 +265,7 @@ def _turn(runtime: AgentRuntime, run_id: str) -> ThreadTurn:
 
 async def _pending_interrupt(runtime: AgentRuntime, thread_id: str) -> dict[str, Any] | None:
     """Return the value of the thread's pending interrupt, read from its checkpoint."""
-    async with open_checkpointer(runtime.settings.agent) as checkpointer:
+    async with open_checkpointer(runtime.settings.agent, runtime.settings.audit.content_key) as checkpointer:
         snapshot = await build_ask_graph(checkpointer).aget_state({"configurable": {"thread_id": thread_id}})
     for interrupt in getattr(snapshot, "interrupts", ()) or ():
         value = interrupt.value

@@ -151,3 +151,26 @@ def test_checkpointer_location_follows_the_settings(url: str | None, expected: t
     settings = get_settings(agent={"checkpointer_url": url})
     assert checkpointer_location(settings.agent) == expected
     assert "u:p" not in json.dumps(settings.masked())
+
+
+async def test_thread_checkpoints_are_encrypted_with_the_content_key(tmp_path: Path) -> None:
+    from cryptography.fernet import Fernet
+
+    from agent.errors import AuditError
+
+    reasoner = PlanningReasoner()
+    runtime = _runtime(tmp_path, FakeScorer(), reasoner)
+    store = tmp_path / "threads.db"
+    runtime.settings.agent.checkpointer_url = SecretStr(f"sqlite:///{store}")
+    runtime.settings.audit.content_key = SecretStr(Fernet.generate_key().decode())
+    question = "Is the zzyzx-marker diabetes controlled?"
+    await run_ask(runtime, patient_id=NOIMG, question=question, thread_id="t-enc")
+    second = await run_ask(runtime, patient_id=NOIMG, question="And now?", thread_id="t-enc")
+    assert second.status == "ok"
+    assert f"Q1: {question}" in reasoner.answer_requests()[-1].user_text  # read back through the cipher
+    raw = b"".join(path.read_bytes() for path in tmp_path.glob("threads.db*"))
+    assert b"zzyzx-marker" not in raw and b"Condition/" not in raw
+
+    runtime.settings.audit.content_key = SecretStr(Fernet.generate_key().decode())
+    with pytest.raises(AuditError, match="cannot be decrypted"):
+        await run_ask(runtime, patient_id=NOIMG, question="Again?", thread_id="t-enc")
