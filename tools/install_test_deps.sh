@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install and prepare what the test suite's real servers need; idempotent, safe to re-run.
 #   - Orthanc + its DICOMweb plugin (Debian packages), docker-compose (to validate docker-compose.yml)
+#   - Debian's chromium, driven by Playwright in the web UI's end-to-end test (no browser download)
 #   - the Medplum FHIR engine for tests (npm ci in tools/fhir_server)
 #   - the PostgreSQL server on 127.0.0.1:5432 (pre-started on this kind of machine; started if down)
 set -euo pipefail
@@ -11,6 +12,7 @@ command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
 command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
 command -v gcc >/dev/null 2>&1 || need_apt+=(gcc)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need_apt[*]}"
   # Keep the packages' init scripts from starting a system Orthanc (it would listen on all interfaces).

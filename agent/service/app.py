@@ -32,7 +32,15 @@ from agent.errors import MedagentError
 from agent.jobs.lifecycle import run_job_queue
 from agent.runner import run_ask
 from agent.runtime import AgentRuntime
-from agent.service import routes_cds, routes_health, routes_notifications, routes_summaries, routes_threads, routes_ui
+from agent.service import (
+    routes_cds,
+    routes_health,
+    routes_notifications,
+    routes_records,
+    routes_summaries,
+    routes_threads,
+    routes_ui,
+)
 from agent.service.auth import PrincipalDep, require, require_content_access
 from agent.service.deps import ERROR_RESPONSES, PROBLEM_JSON, RuntimeDep
 from agent.service.middleware import install_middleware
@@ -75,11 +83,14 @@ def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastA
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        fields = [".".join(str(p) for p in err.get("loc", ())) for err in exc.errors()]
+        # where and what, never the input: pydantic's messages do not quote the value (it may be PHI)
+        fields = [
+            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}" for err in exc.errors()
+        ]
         problem = Problem(
             title="invalid request",
             status=422,
-            detail=f"invalid fields: {', '.join(fields)}",
+            detail=f"invalid fields: {'; '.join(fields)}"[:2000],
             code="invalid_request",
         )
         return JSONResponse(problem.model_dump(), status_code=422, media_type=PROBLEM_JSON)
@@ -181,7 +192,8 @@ def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastA
         return replay(load_run(runtime.engine, run_id, cipher=runtime.cipher))
 
     app.openapi = lambda: _openapi_with_problem_json(app)  # type: ignore[method-assign]
-    for module in (routes_health, routes_threads, routes_summaries, routes_notifications, routes_cds, routes_ui):
+    routers = (routes_health, routes_threads, routes_records, routes_summaries, routes_notifications, routes_cds)
+    for module in (*routers, routes_ui):
         app.include_router(module.router)
     return app
 
