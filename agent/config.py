@@ -198,18 +198,21 @@ CLINICAL_TYPES = [
 class AgentSettings(BaseModel):
     """How the ask graph plans, limits and remembers runs."""
 
-    planner: Literal["model", "terms"] = Field(
-        "terms",
+    planner: Literal["auto", "model", "terms"] = Field(
+        "auto",
         description="'model': MedGemma plans from a manifest of the record (one call, one repair, then terms); "
-        "'terms': the plan comes from the question's terms, with no model call.",
+        "'terms': the plan comes from the question's terms, with no model call; 'auto': model with real "
+        "weights, terms with the tiny test models (whose output is noise).",
     )
-    fetch: Literal["plan", "all"] = Field(
-        "all", description="'plan': fetch only the plan's record types; 'all': every history type."
+    fetch: Literal["auto", "plan", "all"] = Field(
+        "auto",
+        description="'plan': fetch only the plan's record types; 'all': every history type; 'auto': plan when "
+        "the model plans, else all.",
     )
-    images: Literal["plan", "always"] = Field(
-        "always",
-        description="'plan': retrieve images only when the plan needs them; "
-        "'always': whenever the patient has a study.",
+    images: Literal["auto", "plan", "always"] = Field(
+        "auto",
+        description="'plan': retrieve images only when the plan needs them; 'always': whenever the patient has "
+        "a study; 'auto': plan when the model plans, else always.",
     )
     max_steps: int = Field(25, ge=1, le=1000, description="Graph steps a run may take (LangGraph recursion limit).")
     checkpointer_url: SecretStr | None = Field(

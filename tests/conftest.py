@@ -22,6 +22,10 @@ def _isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if key.startswith("MEDAGENT_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Scripted reasoners are not test models, so the "auto" planner would plan with them; tests of
+    # the model planner and of "auto" ask for them (tests/graph/test_plan_flow.py), the rest plan
+    # from terms. CLI subprocesses (tests/e2e/cli.py) start without it and decide "auto" themselves.
+    monkeypatch.setenv("MEDAGENT_AGENT__PLANNER", "terms")
     monkeypatch.chdir(tmp_path)
 
 

@@ -162,16 +162,25 @@ async def plan(state: AskState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     update: dict[str, Any] = {}
     if given is not None:
         chosen = given
-    elif ctx.settings.agent.planner == "model":
+    elif _modes(ctx).planner == "model":
         fetched = await fetch_records(ctx, state["patient"]["id"], types)
         manifest = planning.build_manifest(fetched.resources, types)
         chosen = await _model_plan(ctx, state["question"], manifest, types)
         update["prefetched"] = fetched.resources
     else:
         chosen = planning.terms_plan(state["question"], types)
-    ctx.recorder.event(NOTE, "plan_chosen", meta={"source": chosen.source, "plan": chosen.model_dump(mode="json")})
+    modes = _modes(ctx)._asdict()
+    ctx.recorder.event(
+        NOTE, "plan_chosen", meta={"source": chosen.source, "plan": chosen.model_dump(mode="json"), "modes": modes}
+    )
     update["plan"] = chosen
     return update
+
+
+def _modes(ctx: RunContext) -> planning.PlanningModes:
+    """Return the run's planning modes (``auto`` decided by whether the reasoner is a test model)."""
+    identity = getattr(ctx.reasoner, "identity", None)
+    return planning.planning_modes(ctx.settings.agent, test_model=bool(getattr(identity, "test_model", False)))
 
 
 async def _model_plan(ctx: RunContext, question: str, manifest: dict[str, Any], types: list[str]) -> Plan:
@@ -237,8 +246,9 @@ async def fetch(state: AskState, runtime: Runtime[RunContext]) -> dict[str, Any]
     patient = state["patient"]
     denied = set(state.get("denied_types") or [])
     all_types = list(ctx.history_types)
-    scope = all_types if ctx.settings.agent.fetch == "all" else [t for t in all_types if t in chosen.resource_types]
-    wants_images = (ctx.settings.agent.images == "always" or chosen.needs_images) and "ImagingStudy" not in denied
+    modes = _modes(ctx)
+    scope = all_types if modes.fetch == "all" else [t for t in all_types if t in chosen.resource_types]
+    wants_images = (modes.images == "always" or chosen.needs_images) and "ImagingStudy" not in denied
     record_types = [t for t in scope if t not in denied and not (wants_images and t == "ImagingStudy")]
     prefetched = state.get("prefetched")
     steps: dict[str, Callable[[], Coroutine[Any, Any, Any]]] = {

@@ -13,10 +13,11 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from pydantic import ValidationError
 
+from agent.config import AgentSettings
 from agent.domain.plan import Plan
 from agent.errors import ModelOutputError
 from agent.graph.prompts import neutralise_fences
@@ -228,3 +229,24 @@ def terms_plan(question: str, types: Iterable[str]) -> Plan:
         task="report" if report else "answer",
         source="deterministic",
     )
+
+
+class PlanningModes(NamedTuple):
+    """How a run plans and how far the plan narrows what it reads, after ``auto`` is decided."""
+
+    planner: Literal["model", "terms"]
+    fetch: Literal["plan", "all"]
+    images: Literal["plan", "always"]
+
+
+def planning_modes(settings: AgentSettings, *, test_model: bool) -> PlanningModes:
+    """Decide the ``auto`` settings: MedGemma plans, and its plan narrows the fetch, unless it is a test model.
+
+    The tiny random-weight models never produce a valid plan, so with them a planning call (and its
+    repair) would only cost time before the fallback to the question's terms.
+    """
+    planner = settings.planner if settings.planner != "auto" else ("terms" if test_model else "model")
+    narrows = planner == "model"
+    fetch = settings.fetch if settings.fetch != "auto" else ("plan" if narrows else "all")
+    images = settings.images if settings.images != "auto" else ("plan" if narrows else "always")
+    return PlanningModes(planner, fetch, images)

@@ -102,3 +102,31 @@ async def test_report_task_with_prior_study_labels_current_and_prior(tmp_path: P
     # findings are of the current study only
     current_uids = {i["sop_instance_uid"] for i in current["instances"]}
     assert {f["image"]["sop_instance_uid"] for f in result.findings} <= current_uids  # type: ignore[index]
+
+
+async def test_auto_plans_with_medgemma_and_the_plan_narrows_the_fetch_and_images(tmp_path: Path) -> None:
+    reasoner = PlanningReasoner(['{"resource_types": ["Condition"], "needs_images": false}'])
+    runtime = _runtime(tmp_path, FakeScorer(), reasoner)
+    runtime.settings.agent.planner = "auto"  # the shipped default
+    result = await run_ask(runtime, patient_id=CXR, question="Which problems are active?")
+    assert result.status == "ok" and len(reasoner.plan_requests()) == 1
+    assert {s.split("/")[0] for s in result.sources} == {"Patient", "Condition"}
+    trace = load_run(runtime.engine, result.run_id)
+    chosen = next(e for e in trace.events if e.name == "plan_chosen")
+    assert chosen.meta["modes"] == {"planner": "model", "fetch": "plan", "images": "plan"}
+    assert not [e for e in trace.events if e.kind == "dicom_retrieval"]  # the plan needs no images
+
+
+async def test_auto_plans_from_terms_with_test_models(tmp_path: Path) -> None:
+    from agent.inference.protocols import ModelIdentity
+
+    reasoner = PlanningReasoner()
+    reasoner.identity = ModelIdentity(model_id="tiny-gemma", backend="test", test_model=True)
+    runtime = _runtime(tmp_path, FakeScorer(), reasoner)
+    runtime.settings.agent.planner = "auto"
+    result = await run_ask(runtime, patient_id=CXR, question="Which problems are active?")
+    assert result.status == "ok" and reasoner.plan_requests() == []
+    trace = load_run(runtime.engine, result.run_id)
+    chosen = next(e for e in trace.events if e.name == "plan_chosen")
+    assert chosen.meta["modes"] == {"planner": "terms", "fetch": "all", "images": "always"}
+    assert [e for e in trace.events if e.kind == "dicom_retrieval"]  # a study: images always, as before
