@@ -26,6 +26,7 @@ def test_docker_compose_file_is_valid() -> None:
         "ORTHANC_PASSWORD": "y",
         "AUDIT_HMAC_KEY": "z" * 32,
         "API_KEYS": "[]",
+        "SUBSCRIPTION_SECRET": "s" * 32,
     }
     ok = subprocess.run(
         [tool, "-f", str(PROJECT_ROOT / "docker-compose.yml"), "config", "-q"],
@@ -42,7 +43,7 @@ def test_docker_compose_file_is_valid() -> None:
         text=True,
         check=True,
     )
-    assert {"api", "postgres", "hapi", "orthanc", "vllm"} <= set(config.stdout.split())
+    assert {"api", "worker", "redis", "postgres", "hapi", "orthanc", "vllm"} <= set(config.stdout.split())
     # secrets are required, never defaulted
     env.pop("POSTGRES_PASSWORD")
     missing = subprocess.run(
