@@ -22,6 +22,7 @@ from agent.cli_eval import bench_agent_command, eval_command
 from agent.cli_index import index_app
 from agent.cli_patient import patient_app
 from agent.cli_support import fail, settings_with, source_groups
+from agent.cli_worker import worker_command
 from agent.config import DEFAULT_FIXTURES, Settings
 from agent.domain.answer import AskResult
 from agent.errors import ConfigError, MedagentError
@@ -41,6 +42,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(patient_app, name="patient")
 app.add_typer(classify_app, name="classify")
 app.add_typer(index_app, name="index")
+app.command("worker")(worker_command)
 app.command("eval")(eval_command)
 bench_app.command("agent")(bench_agent_command)
 

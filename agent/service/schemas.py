@@ -7,14 +7,14 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
-#: How a request names a patient: a FHIR logical id, or ``identifier=SYSTEM|VALUE`` in visible ASCII
+#: How a request names a patient: a FHIR logical id, or ``identifier=[SYSTEM|]VALUE`` in visible ASCII
 #: without the characters FHIR search would misread (``,``, ``$``, ``\``), as the resolver requires.
 PatientId = Annotated[
     str,
     Field(
         min_length=1,
         max_length=256,
-        pattern=r"^([A-Za-z0-9\-.]{1,64}|identifier=[!-#%-+\--\[\]-~]{1,200})$",
+        pattern=r"^([A-Za-z0-9\-.]{1,64}|identifier=[!-#%-+\--\[\]-{}~]{1,200}(\|[!-#%-+\--\[\]-{}~]{1,200})?)$",
         description="A logical id, or identifier=SYSTEM|VALUE (e.g. an MRN); several matches are refused.",
         examples=["c02b6052-1523-5c41-983c-e2e4f28a22a9", "identifier=http://hospital.example.org/mrn|MRN-100001"],
     ),

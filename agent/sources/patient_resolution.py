@@ -47,10 +47,19 @@ def _check_search_value(value: str, what: str) -> str:
     return value
 
 
-def _config_error(exc: ValidationError) -> ConfigError:
-    """Return a ConfigError whose message is the validators' own words, without pydantic's framing."""
+class InvalidPatientQueryError(ConfigError):
+    """The user's way of naming a patient cannot be searched (it is input, not configuration)."""
+
+    code = "invalid_patient_query"
+    http_status = 422
+    #: the validators quote what was typed: an MRN, a name, a birth date
+    message_has_phi = True
+
+
+def _config_error(exc: ValidationError) -> InvalidPatientQueryError:
+    """Return the error whose message is the validators' own words, without pydantic's framing."""
     reasons = [str(e["msg"]).removeprefix("Value error, ") for e in exc.errors()]
-    return ConfigError("invalid patient query: " + "; ".join(reasons))
+    return InvalidPatientQueryError("invalid patient query: " + "; ".join(reasons))
 
 
 class PatientQuery(BaseModel):
