@@ -328,6 +328,15 @@ class Settings(BaseSettings):
     jobs: JobsSettings = Field(default_factory=JobsSettings)
 
     @model_validator(mode="after")
+    def _write_back_needs_a_server(self) -> Settings:
+        if self.jobs.write_back and not self.fhir.base_url:
+            raise ValueError(
+                "jobs.write_back needs a FHIR server (fhir.base_url); with SMART auth add "
+                "system/DocumentReference.c and system/Provenance.c to fhir.smart_scopes"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:
         if self.environment == "prod":
             if self.models.use_test_models or self.models.fallback_to_test_models:
