@@ -106,8 +106,11 @@ class InProcessQueue:
                 log.warning("job poller: %s: %s", exc.code, exc.metadata_dict()["message"])
             except Exception as exc:
                 log.error("job poller: unexpected %s", type(exc).__name__)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancellation that
+            # stops the poller when the awaited event is set at the same moment (the app then hangs)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), jobs.poll_interval_s)
+                async with asyncio.timeout(jobs.poll_interval_s):
+                    await self._wake.wait()
 
     async def _pass(self, concurrency: int) -> None:
         """Reclaim expired leases, then claim due jobs while there is room."""
@@ -275,7 +278,8 @@ async def run_saq_worker(
             except Exception as exc:
                 log.warning("saq recovery failed: %s", type(exc).__name__)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), every)
+                async with asyncio.timeout(every):
+                    await stop.wait()
     finally:
         await worker.stop()
         await asyncio.gather(consumer, return_exceptions=True)

@@ -199,7 +199,10 @@ class CallerMiddleware:
         a lost or delayed event, and each costs one insert (duplicates are dropped). Without the
         secret they count against the sender's address like any unauthenticated request.
         """
-        if self.notification_secret is None or scope["path"] != NOTIFICATIONS_PATH:
+        path = scope["path"]
+        if self.notification_secret is None or not (
+            path == NOTIFICATIONS_PATH or path.startswith(NOTIFICATIONS_PATH + "/")
+        ):
             return False
         header, secret = self.notification_secret
         presented = Headers(scope=scope).get(header)

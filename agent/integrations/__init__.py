@@ -1,0 +1,1 @@
+"""What EHRs and FHIR servers send medagent: subscription notifications, parsed into typed results."""
