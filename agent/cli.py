@@ -628,6 +628,9 @@ def bench_audit(
 def bench_service(
     chats: Annotated[int, typer.Option(help="Concurrent SSE chats (each a new thread and one question).")] = 100,
     sequential: Annotated[int, typer.Option(help="Chats run one at a time first, for the unloaded baseline.")] = 20,
+    notifications: Annotated[
+        int, typer.Option(help="FHIR subscription notifications in the burst (30% redeliveries; 0: none).")
+    ] = 1000,
     db_url: Annotated[
         str | None, typer.Option(help="Trace and thread database (default: SQLite files in a temp folder).")
     ] = None,
@@ -635,7 +638,9 @@ def bench_service(
     """Run concurrent chats against `medagent serve` with a fast fake model: errors, added latency, peak memory."""
     from agent.bench.service import run_benchmark
 
-    run_benchmark(chats=chats, sequential=sequential, db_url=db_url, echo=typer.echo)  # its last line is the JSON
+    run_benchmark(
+        chats=chats, sequential=sequential, notifications=notifications, db_url=db_url, echo=typer.echo
+    )  # its last line is the JSON
 
 
 @bench_app.command("fhir")

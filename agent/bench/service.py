@@ -11,6 +11,11 @@ own duration in the trace (``run_started`` to ``run_finished``): HTTP, SSE frami
 worker thread, checkpointer and trace set-up. It is reported for the chats run one at a time and
 all at once, side by side. Peak RSS is the server process's high-water mark (``VmHWM``).
 
+Then a burst of FHIR subscription notifications (R5 ``subscription-notification`` bundles, each
+with a new ImagingStudy of a fixture patient, 30% of them byte-identical redeliveries, 50 in
+flight) goes to ``/fhir/notifications``; the benchmark waits until every summary job has finished
+and checks each distinct event was summarized exactly once.
+
 The last line printed is one JSON object.
 """
 
@@ -19,21 +24,26 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import func, select
 
 from agent.audit.db import make_engine
 from agent.audit.reader import load_run
+from agent.audit.tables import AuditRun
 from agent.bench.fake_chat import FakeChatServer
 from agent.config import DEFAULT_FIXTURES
+from agent.jobs.tables import SummaryJob
 from agent.service.sse import DONE, read_sse
 
 QUESTIONS = (
@@ -148,8 +158,101 @@ def _summary(phase: Phase) -> dict[str, Any]:
     }
 
 
-def run_benchmark(*, chats: int, sequential: int, db_url: str | None, echo: Callable[[str], None]) -> dict[str, Any]:
-    """Start the service, run the chats one at a time and then all at once, and report both."""
+SECRET = "bench-subscription-secret-0123456789"
+
+
+def _notification(subscription: str, number: int, patient_id: str) -> bytes:
+    """Return an R5 event notification (full resource) announcing a new ImagingStudy of the patient."""
+    study = {
+        "resourceType": "ImagingStudy",
+        "id": f"bench-study-{number}",
+        "meta": {"versionId": "1"},
+        "status": "available",
+        "subject": {"reference": f"Patient/{patient_id}"},
+    }
+    status = {
+        "resourceType": "SubscriptionStatus",
+        "status": "active",
+        "type": "event-notification",
+        "eventsSinceSubscriptionStart": str(number),
+        "subscription": {"reference": subscription},
+        "topic": "http://example.org/medagent/SubscriptionTopic/new-imaging-study",
+        "notificationEvent": [{"eventNumber": str(number), "focus": {"reference": f"ImagingStudy/{study['id']}"}}],
+    }
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "subscription-notification",
+        "entry": [
+            {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": status},
+            {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": study},
+        ],
+    }
+    return json.dumps(bundle).encode()
+
+
+def _burst_bodies(total: int, patients: list[str]) -> tuple[list[bytes], int]:
+    """Return ``total`` notifications of which 70% are distinct events and the rest redeliveries, shuffled."""
+    rng = random.Random(11)
+    distinct = max(1, round(total * 0.7))
+    originals = [_notification("Subscription/bench", n, patients[n % len(patients)]) for n in range(1, distinct + 1)]
+    bodies = originals + [rng.choice(originals) for _ in range(total - distinct)]
+    rng.shuffle(bodies)
+    return bodies, distinct
+
+
+async def _post_burst(base_url: str, bodies: list[bytes], concurrency: int = 50) -> tuple[list[int], float]:
+    gate = asyncio.Semaphore(concurrency)
+    headers = {"Content-Type": "application/fhir+json", "X-Subscription-Secret": SECRET}
+
+    async def one(client: httpx.AsyncClient, content: bytes) -> int:
+        async with gate:
+            try:
+                return (await client.post("/fhir/notifications", content=content, headers=headers)).status_code
+            except httpx.HTTPError:
+                return 0
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+        started = time.perf_counter()
+        statuses = await asyncio.gather(*(one(client, body) for body in bodies))
+        return list(statuses), time.perf_counter() - started
+
+
+def _subscription_jobs(url: str) -> dict[str, int]:
+    """Count the subscription jobs by status, and their traced runs that ended ok."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(SummaryJob.status, func.count())
+                .where(SummaryJob.trigger == "subscription")
+                .group_by(SummaryJob.status)
+            ).all()
+            runs_total = conn.execute(
+                select(func.count())
+                .select_from(AuditRun)
+                .where(AuditRun.trigger == "subscription", AuditRun.kind == "ask")
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    counts = {str(status): int(count) for status, count in rows}
+    counts["runs"] = int(runs_total)
+    return counts
+
+
+def _wait_for_summaries(url: str, distinct: int, timeout_s: float) -> tuple[dict[str, int], float]:
+    started = time.perf_counter()
+    while True:
+        counts = _subscription_jobs(url)
+        finished = counts.get("done", 0) + counts.get("dead", 0)
+        if finished >= distinct or time.perf_counter() - started > timeout_s:
+            return counts, time.perf_counter() - started
+        time.sleep(1.0)
+
+
+def run_benchmark(
+    *, chats: int, sequential: int, notifications: int, db_url: str | None, echo: Callable[[str], None]
+) -> dict[str, Any]:
+    """Start the service, run the chats one at a time and then all at once, then the notification burst."""
     manifest = json.loads((DEFAULT_FIXTURES / "manifest.json").read_text())
     patients = [p["patient_id"] for p in manifest["patients"]]
     work = [(patients[n % len(patients)], QUESTIONS[n % len(QUESTIONS)]) for n in range(chats)]
@@ -169,6 +272,7 @@ def run_benchmark(*, chats: int, sequential: int, db_url: str | None, echo: Call
             "MEDAGENT_MODELS__TEST_MODELS_DIR": str(Path(tmp) / "test-models"),
             "MEDAGENT_SERVICE__RATE_LIMIT_PER_MINUTE": "0",
             "MEDAGENT_IMAGING__SIMILAR_CASES": "0",
+            "MEDAGENT_SERVICE__SUBSCRIPTION_SECRET": SECRET,
         }
         log_path = Path(tmp) / "serve.log"
         command = [sys.executable, "-m", "agent.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
@@ -184,6 +288,27 @@ def run_benchmark(*, chats: int, sequential: int, db_url: str | None, echo: Call
             one_by_one = asyncio.run(_phase(base_url, work[:sequential], 1))
             together = asyncio.run(_phase(base_url, work, chats))
             peak = _peak_rss_mb(server.pid)
+            burst: dict[str, Any] = {}
+            if notifications:
+                bodies, distinct = _burst_bodies(notifications, patients)
+                statuses, posted_s = asyncio.run(_post_burst(base_url, bodies))
+                jobs, summarized_s = _wait_for_summaries(url, distinct, timeout_s=max(120.0, distinct * 2.0))
+                burst = {
+                    "notifications": len(bodies),
+                    "distinct_events": distinct,
+                    "notification_errors": sum(code != 200 for code in statuses),
+                    "notifications_s": round(posted_s, 2),
+                    "subscription_jobs": sum(v for k, v in jobs.items() if k != "runs"),
+                    "summaries_done": jobs.get("done", 0),
+                    "summaries_dead": jobs.get("dead", 0),
+                    "summary_runs": jobs["runs"],
+                    "summaries_s": round(summarized_s, 1),
+                }
+                burst["each_event_summarized_once"] = (
+                    burst["subscription_jobs"] == distinct
+                    and burst["summary_runs"] == burst["summaries_done"] == distinct
+                )
+                peak = _peak_rss_mb(server.pid)
         finally:
             server.terminate()
             try:
@@ -202,6 +327,12 @@ def run_benchmark(*, chats: int, sequential: int, db_url: str | None, echo: Call
     for key in ("chats", "errors", "p50_added_ms", "p99_added_ms", "p50_total_ms", "p99_total_ms", "chats_per_s"):
         echo(f"{key:24}{alone[key]!s:>16}{loaded[key]!s:>16}")
     echo(f"{'server RSS idle / peak':24}{rss_idle:>15.0f}M{peak:>15.0f}M")
+    if burst:
+        echo(
+            f"notifications: {burst['notifications']} posted ({burst['distinct_events']} distinct) in "
+            f"{burst['notifications_s']} s, {burst['notification_errors']} errors; {burst['subscription_jobs']} jobs, "
+            f"{burst['summaries_done']} summarized ({burst['summary_runs']} runs) in {burst['summaries_s']} s"
+        )
     if loaded["errors"]:
         kinds = sorted({o.error or "?" for o in together.outcomes if not o.ok})
         echo(f"errors: {', '.join(kinds)}")
@@ -220,6 +351,7 @@ def run_benchmark(*, chats: int, sequential: int, db_url: str | None, echo: Call
         "sequential_p99_added_ms": alone["p99_added_ms"],
         "added_ratio_p50": round(loaded["p50_added_ms"] / alone["p50_added_ms"], 2) if alone["p50_added_ms"] else None,
         "database": "postgresql" if url.startswith("postgres") else "sqlite",
+        **burst,
     }
     echo(json.dumps(result))
     return result
