@@ -208,23 +208,13 @@ async def _execute_now(
             result.thread_id = thread_id
         return result
     except MedagentError as exc:
-        _finish_failed(recorder, exc)
+        finish_failed(recorder, exc)
         raise
     except (asyncio.CancelledError, KeyboardInterrupt):
-        _finish_failed(recorder, RunCancelledError("the run was cancelled"))
+        finish_failed(recorder, RunCancelledError("the run was cancelled"))
         raise
     except Exception as exc:
-        # Type and place only: an exception's message can quote clinical data, and logs hold no PHI.
-        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-        log.error(
-            "internal error in run %s: %s at %s",
-            recorder.run_id,
-            type(exc).__name__,
-            f"{where.filename}:{where.lineno}" if where else "?",
-        )
-        error = InternalError(f"internal error ({type(exc).__name__}); see the service log")
-        _finish_failed(recorder, error)
-        raise error from exc
+        raise finish_unexpected(recorder, exc, "run") from exc
     finally:
         await fhir.aclose()
         await dicom.aclose()
@@ -270,10 +260,29 @@ def patient_reference(requested: str) -> str:
     return f"Patient/{requested}"
 
 
-def _finish_failed(recorder: TraceRecorder, error: MedagentError) -> None:
+def finish_failed(recorder: TraceRecorder, error: MedagentError) -> None:
+    """End the run as failed (or cancelled) with the error, once, and name the run in the error."""
     error.details.setdefault("run_id", recorder.run_id)
     if recorder.finished_status is None:
         recorder.finish_run("cancelled" if isinstance(error, RunCancelledError) else "failed", error=error)
+
+
+def finish_unexpected(recorder: TraceRecorder, exc: Exception, what: str) -> InternalError:
+    """Log an unexpected exception (type and place only), end the run failed, and return the error to raise.
+
+    An exception's message can quote clinical data, and logs hold no PHI.
+    """
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    log.error(
+        "internal error in %s %s: %s at %s",
+        what,
+        recorder.run_id,
+        type(exc).__name__,
+        f"{where.filename}:{where.lineno}" if where else "?",
+    )
+    error = InternalError(f"internal error ({type(exc).__name__}); see the service log")
+    finish_failed(recorder, error)
+    return error
 
 
 def _load_models(runtime: AgentRuntime, recorder: TraceRecorder) -> LoadedModels:

@@ -48,7 +48,8 @@ class WriteBackUnsupportedError(ConfigError):
     """Write-back was asked for, but the configured FHIR source is a folder, not a server."""
 
     code = "write_back_unsupported"
-    http_status = 400
+    #: the request is well formed; it conflicts with how this server is set up
+    http_status = 409
 
 
 class WriteBackError(MedagentError):

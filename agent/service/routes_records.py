@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import traceback
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -28,10 +27,12 @@ from agent.audit.reader import RunTrace, load_run
 from agent.audit.recorder import DICOM_RETRIEVAL, TraceRecorder, settings_fingerprint
 from agent.audit.replay import replay
 from agent.domain.refs import InstanceRef
-from agent.errors import ConfigError, InternalError, MedagentError, RunCancelledError
+from agent.errors import ConfigError, MedagentError, RunCancelledError
+from agent.runner import finish_failed, finish_unexpected
 from agent.runtime import AgentRuntime
 from agent.service.auth import Principal, PrincipalDep, require
 from agent.service.deps import ERROR_RESPONSES, RuntimeDep
+from agent.service.schemas import OmitNotNull
 from agent.sources.factory import make_dicom_source, make_fhir_source
 from agent.sources.patient_resolution import Candidate, PatientQuery, find_patients
 from agent.sources.protocols import DicomSource, FhirSource
@@ -139,32 +140,16 @@ async def traced_view(
         recorder.current_node = None
         recorder.finish_run("ok")
     except MedagentError as exc:
-        _finish_failed(recorder, exc)
+        finish_failed(recorder, exc)
         raise
     except asyncio.CancelledError:
-        _finish_failed(recorder, RunCancelledError("the view was cancelled"))
+        finish_failed(recorder, RunCancelledError("the view was cancelled"))
         raise
     except Exception as exc:
-        # Type and place only: an exception's message can quote clinical data, and logs hold no PHI.
-        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-        log.error(
-            "internal error in view %s: %s at %s",
-            recorder.run_id,
-            type(exc).__name__,
-            f"{where.filename}:{where.lineno}" if where else "?",
-        )
-        error = InternalError(f"internal error ({type(exc).__name__}); see the service log")
-        _finish_failed(recorder, error)
-        raise error from exc
+        raise finish_unexpected(recorder, exc, "view") from exc
     finally:
         await fhir.aclose()
         await dicom.aclose()
-
-
-def _finish_failed(recorder: TraceRecorder, error: MedagentError) -> None:
-    error.details.setdefault("run_id", recorder.run_id)
-    if recorder.finished_status is None:
-        recorder.finish_run("cancelled" if isinstance(error, RunCancelledError) else "failed", error=error)
 
 
 # -- patients -------------------------------------------------------------------------------------
@@ -191,7 +176,7 @@ BIRTHDATE_PATTERN = (
 )
 
 
-class PatientSearch(BaseModel):
+class PatientSearch(OmitNotNull):
     """Find patients by an identifier, or by name and birth date (exactly one of the two)."""
 
     model_config = ConfigDict(
@@ -223,15 +208,6 @@ class PatientSearch(BaseModel):
     birthdate: Annotated[str, StringConstraints(pattern=BIRTHDATE_PATTERN)] | SkipJsonSchema[None] = Field(
         None, description="YYYY-MM-DD (goes with name)."
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_nulls(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            nulls = [key for key in ("identifier", "name", "birthdate") if key in data and data[key] is None]
-            if nulls:
-                raise ValueError(f"leave out rather than null: {', '.join(nulls)}")
-        return data
 
     @model_validator(mode="after")
     def _one_mode(self) -> PatientSearch:

@@ -33,7 +33,7 @@ from agent.jobs.tables import ChatThread
 from agent.runtime import AgentRuntime
 from agent.service.auth import Principal, PrincipalDep, require
 from agent.service.deps import ERROR_RESPONSES, RuntimeDep
-from agent.service.schemas import PatientId
+from agent.service.schemas import OmitNotNull, PatientId
 from agent.service.sse import sse_frames
 from agent.streaming import stream_ask
 
@@ -95,7 +95,7 @@ class ThreadView(ThreadInfo):
     )
 
 
-class MessageRequest(BaseModel):
+class MessageRequest(OmitNotNull):
     """A new question, or the answer to the thread's pending interrupt (exactly one)."""
 
     model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["question"]}, {"required": ["resume"]}]})
@@ -112,15 +112,6 @@ class MessageRequest(BaseModel):
     as_of: datetime | SkipJsonSchema[None] = Field(
         None, description="Reference date for relative times (default: now)."
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_nulls(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            nulls = [key for key in ("question", "resume", "as_of") if key in data and data[key] is None]
-            if nulls:
-                raise ValueError(f"leave out rather than null: {', '.join(nulls)}")
-        return data
 
     @model_validator(mode="after")
     def _exactly_one(self) -> MessageRequest:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 #: How a request names a patient: a FHIR logical id, or ``identifier=[SYSTEM|]VALUE`` in visible ASCII
 #: without the characters FHIR search would misread (``,``, ``$``, ``\``), as the resolver requires.
@@ -19,6 +19,23 @@ PatientId = Annotated[
         examples=["c02b6052-1523-5c41-983c-e2e4f28a22a9", "identifier=http://hospital.example.org/mrn|MRN-100001"],
     ),
 ]
+
+
+class OmitNotNull(BaseModel):
+    """A request body whose optional fields are left out, never sent as null.
+
+    Their schema does not admit null (clients and property tests follow the schema), so the model
+    refuses an explicit null instead of quietly accepting what the schema says is invalid.
+    """
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            nulls = [key for key in cls.model_fields if key in data and data[key] is None]
+            if nulls:
+                raise ValueError(f"leave out rather than null: {', '.join(nulls)}")
+        return data
 
 
 class AskRequest(BaseModel):

@@ -160,7 +160,7 @@ def test_bad_input_is_a_clear_problem(api: tuple[TestClient, dict[str, dict[str,
     client, headers, _ = api
     clinician = headers["clinician"]
     write_back = client.post(f"/v1/patients/{CXR}/summaries", headers=clinician, json={"write_back": True})
-    assert write_back.status_code == 400 and write_back.json()["code"] == "write_back_unsupported"
+    assert write_back.status_code == 409 and write_back.json()["code"] == "write_back_unsupported"
     assert "write-back needs a FHIR server" in write_back.json()["detail"]
     for bad in (
         client.post("/v1/patients/bad$id/summaries", headers=clinician),
