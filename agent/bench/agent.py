@@ -461,6 +461,9 @@ def run_benchmark(
             db={"url": f"sqlite:///{Path(scratch) / 'trace.db'}"},
             models={"max_new_tokens": generated_tokens, "reasoner_max_images": 0},
             imaging={"similar_cases": 0},
+            # the oracle plan is given; it narrows nothing: the agent reads every record type and the
+            # study's images, as it always did before the "auto" planner (the conservative case)
+            agent={"fetch": "all", "images": "always"},
         )
         swappable = _Swappable(reasoner)
         loaded = LoadedModels(scorer=BenchScorer(), reasoner=swappable, used_test_models=True)
