@@ -107,7 +107,6 @@ def _job_or_404(runtime: AgentRuntime, job_id: str) -> JobRecord:
         **ERROR_RESPONSES,
         200: {"model": JobRecord, "description": "The job an earlier request with the same idempotency key created"},
         202: {"model": JobRecord, "description": "Queued; poll the Location header's URL"},
-        400: {"model": Problem, "description": "Write-back asked for without a FHIR server"},
         409: {
             "model": Problem,
             "description": "Idempotency key reused for another patient, or write-back without a FHIR server",
