@@ -1,15 +1,18 @@
-"""The web UI end to end in headless Chromium: ask, read the cited answer, open a citation, audit the run.
+"""The web UI end to end in headless Chromium: ask, read the cited answer, open a citation, audit the run;
+open a stored summary from a CDS Hooks card's link (done, being prepared, dead, unknown, forbidden).
 
-Real: the app under uvicorn on 127.0.0.1 (threads over SSE, records, audit endpoints), bundle-folder
-FHIR, DICOM-folder imaging, pixel preparation, the SQL trace, API keys, and Debian's chromium driven
-by Playwright (no browser download). Scripted: the models (tests/graph/test_ask_flow.py), so the
-answer cites one real record and one made-up one. Screenshots go under the test's tmp_path only.
+Real: the app under uvicorn on 127.0.0.1 (threads over SSE, records, audit endpoints, summary jobs on
+the in-process queue), bundle-folder FHIR, DICOM-folder imaging, pixel preparation, the SQL trace,
+API keys, and Debian's chromium driven by Playwright (no browser download). Scripted: the models
+(tests/graph/test_ask_flow.py), so the answer cites one real record and one made-up one.
+Screenshots go under the test's tmp_path only.
 
 Plain (non-async) tests: Playwright's sync API refuses to run inside an event loop.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -17,10 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 
 from agent.audit.reader import list_runs, load_run
+from agent.inference.protocols import GenerationRequest, GenerationResult
 from agent.runtime import AgentRuntime
 from agent.service.auth import new_api_key
 from tests.graph.test_ask_flow import PATIENTS, FakeScorer, ScriptedReasoner, _runtime
@@ -72,9 +77,29 @@ class LiveServer:
         self.sock.close()
 
 
+class GatedReasoner(ScriptedReasoner):
+    """The scripted reasoner, holding each call until the test opens the gate: a job that stays running."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        super().__init__()
+        self.gate = gate
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        if not self.gate.wait(WAIT_MS / 1000):
+            raise TimeoutError("the test never opened the gate")
+        return super().generate(request)
+
+
 @pytest.fixture
-def runtime(tmp_path: Path) -> AgentRuntime:
-    return _runtime(tmp_path, FakeScorer(), ScriptedReasoner())
+def gate() -> threading.Event:
+    return threading.Event()
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, request: pytest.FixtureRequest, gate: threading.Event) -> AgentRuntime:
+    """The app's runtime; parametrized indirectly with "gated", its reasoner waits for ``gate``."""
+    gated = getattr(request, "param", None) == "gated"
+    return _runtime(tmp_path, FakeScorer(), GatedReasoner(gate) if gated else ScriptedReasoner())
 
 
 @pytest.fixture
@@ -86,7 +111,15 @@ def api_key(runtime: AgentRuntime) -> str:
 
 
 @pytest.fixture
-def live(runtime: AgentRuntime, api_key: str) -> Iterator[LiveServer]:
+def auditor_key(runtime: AgentRuntime) -> str:
+    """A key for an auditor who is not a clinician (keys are read when the app starts)."""
+    key, spec = new_api_key("ann-auditor", ["auditor"], "e2e auditor key")
+    runtime.settings.service.api_keys.append(spec)
+    return key
+
+
+@pytest.fixture
+def live(runtime: AgentRuntime, api_key: str, auditor_key: str) -> Iterator[LiveServer]:
     server = LiveServer(runtime)
     server.start()
     try:
@@ -257,3 +290,188 @@ def test_restricted_records_interrupt_and_resume_in_the_browser(
     confirmed = next(e for e in resumed.events if e.name == "access_confirmed")
     assert confirmed.meta == {"types": ["AllergyIntolerance"], "purpose": "allergy review before prescribing"}
     assert page.console_errors == [], page.console_errors
+
+
+# -- a stored summary opened from a CDS Hooks card's link (/ui/?patient=ID&summary=JOB_ID) --------------
+
+
+def _queue_summary(live: LiveServer, key: str, patient_id: str) -> str:
+    """Queue a summary through the API, as a card's service or a clinician would; return the job id."""
+    reply = httpx.post(
+        f"{live.base_url}/v1/patients/{patient_id}/summaries", headers={"X-API-Key": key}, timeout=WAIT_MS / 1000
+    )
+    assert reply.status_code == 202, reply.text
+    job_id: str = reply.json()["id"]
+    return job_id
+
+
+def _settled_summary(live: LiveServer, key: str, job_id: str) -> dict[str, Any]:
+    """Poll the job over the API until it is done or dead; return it."""
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while True:
+        reply = httpx.get(f"{live.base_url}/v1/summaries/{job_id}", headers={"X-API-Key": key}, timeout=30)
+        assert reply.status_code == 200, reply.text
+        job: dict[str, Any] = reply.json()
+        if job["status"] in ("done", "dead"):
+            return job
+        assert time.monotonic() < deadline, f"job still {job['status']}"
+        time.sleep(0.1)
+
+
+def _summary_url(live: LiveServer, patient_id: str, job_id: str) -> str:
+    return f"{live.base_url}/ui/?patient={patient_id}&summary={job_id}"
+
+
+def _enter_key(page: Any, live: LiveServer, key: str) -> None:
+    """Store the key in this tab's sessionStorage through the page, as a user does before following links."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{live.base_url}/ui/")
+    expect(page.locator("body[data-ready=true]")).to_have_count(1)
+    page.get_by_test_id("api-key").fill(key)
+
+
+def test_a_card_link_opens_the_finished_summary_with_its_citations(
+    live: LiveServer, browser_page: Any, api_key: str, runtime: AgentRuntime, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    job_id = _queue_summary(live, api_key, CXR["patient_id"])
+    job = _settled_summary(live, api_key, job_id)
+    assert job["status"] == "done", job
+    [cited] = [c["reference"] for c in job["citations"] if c["valid"]]
+
+    # a clinician follows the card's link in a fresh tab: no key yet, so the panel asks for it
+    page = browser_page
+    page.goto(_summary_url(live, CXR["patient_id"], job_id))
+    panel = page.get_by_test_id("summary-panel")
+    expect(panel).to_have_attribute("data-state", "unauthenticated")
+    expect(page.get_by_test_id("summary-status")).to_contain_text("API key")
+    expect(page.get_by_test_id("current-patient")).to_contain_text(CXR["patient_id"])
+    page.get_by_test_id("api-key").fill(api_key)
+    page.get_by_test_id("summary-retry").click()
+
+    expect(panel).to_have_attribute("data-state", "done")
+    expect(page.get_by_test_id("summary-retry")).to_be_hidden()
+    expect(page.get_by_test_id("summary-title")).to_contain_text(CXR["patient_id"])
+    text = page.get_by_test_id("summary-text")
+    expect(text).to_contain_text("heart failure")
+    assert (text.text_content() or "").strip() == job["summary"].strip()  # as stored, through textContent
+    link = text.get_by_test_id("citation-link")
+    expect(link).to_have_count(1)
+    assert link.get_attribute("data-reference") == cited
+    dangling = panel.get_by_test_id("citation-dangling")
+    expect(dangling).to_have_text("[Observation/00000000-made-up]")
+    assert dangling.evaluate("node => node.tagName") == "S"
+    expect(page.get_by_test_id("summary-models")).to_contain_text("scripted-reasoner")
+    expect(page.get_by_test_id("summary-models")).to_contain_text(job["run_id"])
+    expect(page.get_by_test_id("summary-status")).to_contain_text("Written")
+    expect(page.get_by_test_id("summary-status")).to_contain_text("dr-quinn")
+    expect(page.get_by_test_id("summary-disclaimer")).to_be_visible()
+    expect(page.get_by_test_id("summary-disclaimer")).to_contain_text("not a diagnostic device")
+    expect(page.get_by_test_id("answer")).to_have_text("")  # the chat below is untouched
+    page.screenshot(path=str(tmp_path / "summary.png"), full_page=True)
+
+    # the citation opens the resource the summary's run read, in the side panel
+    link.click()
+    expect(page.get_by_test_id("resource-panel")).to_be_visible()
+    expect(page.get_by_test_id("resource-title")).to_have_text(cited)
+    expect(page.get_by_test_id("resource-json")).to_contain_text('"resourceType": "Condition"')
+    expect(page.get_by_test_id("resource-json")).to_contain_text(f'"id": "{cited.split("/")[1]}"')
+    views = [r for r in list_runs(runtime.engine) if r.kind == "view"]
+    assert [(v.user_id, v.patient_ref) for v in views] == [("dr-quinn", f"Patient/{CXR['patient_id']}")]
+
+    assert page.console_errors == [
+        "Failed to load resource: the server responded with a status of 401 (Unauthorized)"
+    ], page.console_errors
+
+
+@pytest.mark.parametrize("runtime", ["gated"], indirect=True)
+def test_a_summary_being_prepared_is_polled_until_done_and_not_while_away(
+    live: LiveServer, browser_page: Any, api_key: str, gate: threading.Event
+) -> None:
+    from playwright.sync_api import expect
+
+    page = browser_page
+    _enter_key(page, live, api_key)
+    polls: list[float] = []
+    page.on("request", lambda r: polls.append(time.monotonic()) if "/v1/summaries/" in r.url else None)
+    job_id = _queue_summary(live, api_key, CXR["patient_id"])  # runs until the gate opens
+    try:
+        page.goto(_summary_url(live, CXR["patient_id"], job_id))
+        panel = page.get_by_test_id("summary-panel")
+        expect(panel).to_have_attribute("data-state", re.compile(r"^(queued|running)$"))
+        expect(page.get_by_test_id("summary-status")).to_contain_text("Being prepared")
+        expect(page.get_by_test_id("summary-text")).to_have_text("")
+        deadline = time.monotonic() + WAIT_MS / 1000
+        while len(polls) < 2:  # it asks again by itself, about every 2 s
+            assert time.monotonic() < deadline, "the page did not poll the job again"
+            page.wait_for_timeout(100)
+        assert 1.5 < polls[1] - polls[0] < 5, polls
+
+        # in the audit view it stops asking, though the job is still running
+        page.get_by_test_id("nav-audit").click()
+        expect(page.get_by_test_id("audit-view")).to_be_visible()
+        page.wait_for_timeout(500)  # a request issued just before leaving may still be reported
+        asked = len(polls)
+        page.wait_for_timeout(2_500)  # longer than the poll interval: a timer left running would have fired
+        assert len(polls) == asked, "polled while the chat view was not shown"
+        assert httpx.get(f"{live.base_url}/v1/summaries/{job_id}", headers={"X-API-Key": api_key}).json()["status"] in (
+            "queued",
+            "running",
+        )
+
+        # back in the chat it asks again at once, and keeps asking until the job is done
+        page.get_by_test_id("nav-chat").click()
+        while len(polls) == asked:
+            assert time.monotonic() < deadline, "the page did not poll again in the chat view"
+            page.wait_for_timeout(50)
+        expect(panel).to_have_attribute("data-state", re.compile(r"^(queued|running)$"))
+    finally:
+        gate.set()
+    expect(panel).to_have_attribute("data-state", "done")
+    expect(page.get_by_test_id("summary-text").get_by_test_id("citation-link")).to_have_count(1)
+    settled = len(polls)
+    page.wait_for_timeout(2_500)
+    assert len(polls) == settled, "still polling a finished summary"
+    assert page.console_errors == [], page.console_errors
+
+
+def test_unknown_dead_malformed_and_forbidden_summaries_say_so(
+    live: LiveServer, browser_page: Any, api_key: str, auditor_key: str
+) -> None:
+    from playwright.sync_api import expect
+
+    dead_id = _queue_summary(live, api_key, "no-such-patient")
+    dead = _settled_summary(live, api_key, dead_id)
+    assert dead["status"] == "dead" and dead["error_code"], dead
+    page = browser_page
+    _enter_key(page, live, api_key)
+    panel, status = page.get_by_test_id("summary-panel"), page.get_by_test_id("summary-status")
+
+    unknown = "00000000-0000-4000-8000-000000000000"
+    page.goto(_summary_url(live, CXR["patient_id"], unknown))
+    expect(panel).to_have_attribute("data-state", "not-found")
+    expect(status).to_contain_text(f"No such summary: the service has no summary with id {unknown}")
+    expect(page.get_by_test_id("summary-retry")).to_be_hidden()
+
+    page.goto(_summary_url(live, "no-such-patient", dead_id))
+    expect(panel).to_have_attribute("data-state", "dead")
+    expect(status).to_contain_text(f"[{dead['error_code']}]")
+    expect(status).to_contain_text(dead["error_message"])
+    expect(page.get_by_test_id("summary-text")).to_have_text("")
+    expect(page.get_by_test_id("summary-disclaimer")).to_be_hidden()
+
+    page.goto(f"{live.base_url}/ui/?summary=not-a-job-id")  # refused in the page, no request made
+    expect(panel).to_have_attribute("data-state", "invalid")
+    expect(status).to_contain_text("does not name a summary")
+    expect(page.get_by_test_id("current-patient")).to_have_text("No patient selected.")
+
+    # an auditor may not read summary text: the panel gives the service's role message
+    page.get_by_test_id("api-key").fill(auditor_key)
+    page.goto(_summary_url(live, "no-such-patient", dead_id))
+    expect(panel).to_have_attribute("data-state", "forbidden")
+    expect(status).to_contain_text("You may not read this summary: this needs the role clinician or service")
+
+    statuses = sorted(re.sub(r".*status of (\d+).*", r"\1", e) for e in page.console_errors)
+    assert statuses == ["403", "404"], page.console_errors

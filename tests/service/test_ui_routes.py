@@ -53,3 +53,11 @@ def test_every_ui_file_ships_and_none_runs_inline_code() -> None:
     script = (WEB_DIR / "app.js").read_text()
     # clinical text is data: it never goes through an HTML parser
     assert "innerHTML" not in script and "insertAdjacentHTML" not in script and "eval(" not in script
+
+
+def test_every_element_the_script_looks_up_is_on_the_page() -> None:
+    # a typo'd id only shows in a browser as a TypeError on null, in whichever path uses it
+    page_ids = set(re.findall(r'\sid="([^"]+)"', (WEB_DIR / "index.html").read_text()))
+    wanted = set(re.findall(r'\$\("([^"]+)"\)', (WEB_DIR / "app.js").read_text()))
+    assert {"summary-panel", "summary-text", "summary-retry", "answer"} <= wanted  # the pattern still matches
+    assert wanted - page_ids == set()

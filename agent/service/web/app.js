@@ -1,4 +1,5 @@
-// medagent web UI: chat (threads over SSE) and audit viewer, as one ES module.
+// medagent web UI: chat (threads over SSE), a stored summary named in the URL, and the audit viewer,
+// as one ES module.
 //
 // Where it sits: served by agent/service/routes_ui.py; talks only to the service's own API with the
 // user's API key (kept in sessionStorage). Clinical text is data: every value reaches the page
@@ -8,6 +9,9 @@ const KEY_STORAGE = "medagent.apiKey";
 const THUMB_SIZE = 256;
 const TOP_LABELS = 3;
 const CITATION = /\[([A-Z][A-Za-z]{1,63})\/([A-Za-z0-9\-.]{1,64})\]/g;
+// The service's summary job ids (the same pattern its route enforces).
+const JOB_ID = /^[0-9a-fA-F-]{36}$/;
+const SUMMARY_POLL_MS = 2000;
 
 const state = {
   patient: null, // {id, name, birth_date}
@@ -16,6 +20,14 @@ const state = {
   runId: null, // the run whose answer is shown
   streaming: false,
   auditRunId: null,
+};
+
+// The summary named by ?summary=: polled while its job is queued or running and the chat view is shown.
+const summary = {
+  jobId: null, // null: the URL names none
+  timer: null,
+  generation: 0, // bumped on every stop, so a reply that arrives after leaving the view is dropped
+  settled: false, // done, dead, or an error: no more polling until "Try again"
 };
 
 // -- small DOM helpers ----------------------------------------------------------------------------
@@ -161,6 +173,7 @@ async function loadInfo() {
   try {
     const info = await apiJson("/v1/info");
     $("disclaimer").textContent = info.disclaimer;
+    $("summary-disclaimer").textContent = info.disclaimer;
     const models = Object.entries(info.models)
       .map(([role, id]) => `${role}: ${id}`)
       .join(" · ");
@@ -415,19 +428,19 @@ function showAuditLink(runId) {
   link.hidden = false;
 }
 
-// Render the answer with each valid [Type/id] as a link to the resource the run read.
-function renderAnswer(result) {
-  const answer = clear($("answer"));
-  const valid = new Set((result.citations || []).filter((c) => c.valid).map((c) => c.reference));
-  const text = result.answer || "";
+// Render a run's text (a chat answer, a stored summary) with each valid [Type/id] as a link to the
+// resource the run read.
+function renderCitedText(target, runId, text, citations) {
+  clear(target);
+  const valid = new Set((citations || []).filter((c) => c.valid).map((c) => c.reference));
   let last = 0;
   for (const match of text.matchAll(CITATION)) {
-    answer.append(document.createTextNode(text.slice(last, match.index)));
+    target.append(document.createTextNode(text.slice(last, match.index)));
     const reference = `${match[1]}/${match[2]}`;
-    answer.append(valid.has(reference) ? citationLink(result.run_id, reference) : match[0]);
+    target.append(valid.has(reference) ? citationLink(runId, reference) : match[0]);
     last = match.index + match[0].length;
   }
-  answer.append(document.createTextNode(text.slice(last)));
+  target.append(document.createTextNode(text.slice(last)));
 }
 
 function citationLink(runId, reference) {
@@ -448,12 +461,13 @@ function citationLink(runId, reference) {
   });
 }
 
-function renderCitations(result) {
-  const list = $("citations");
-  for (const citation of result.citations || []) {
+// List every citation of a run's text: valid ones as links, dangling ones struck out. Shows `box` if any.
+function renderCitationList(list, box, runId, citations) {
+  clear(list);
+  for (const citation of citations || []) {
     const item = el("li", { testid: "citation", dataset: { reference: citation.reference, valid: citation.valid } });
     if (citation.valid) {
-      item.append(citationLink(result.run_id, citation.reference));
+      item.append(citationLink(runId, citation.reference));
     } else {
       item.append(
         el("s", { testid: "citation-dangling", className: "dangling", text: `[${citation.reference}]` }),
@@ -462,7 +476,12 @@ function renderCitations(result) {
     }
     list.append(item);
   }
-  $("citations-box").hidden = !list.children.length;
+  box.hidden = !list.children.length;
+}
+
+function describeModels(models) {
+  const named = Object.entries(models || {}).map(([role, id]) => `${role} ${id}`);
+  return named.length ? named.join(", ") : "unknown models";
 }
 
 // One figure per image (findings come per image and per finding source), top labels of each source.
@@ -529,18 +548,15 @@ function renderSimilar(result) {
 function renderFinal(result) {
   state.runId = result.run_id;
   $("answer").classList.remove("streaming");
-  renderAnswer(result);
-  renderCitations(result);
+  renderCitedText($("answer"), result.run_id, result.answer || "", result.citations);
+  renderCitationList($("citations"), $("citations-box"), result.run_id, result.citations);
   const warnings = $("warnings");
   for (const warning of result.warnings || []) warnings.append(el("li", { text: warning }));
   $("warnings-box").hidden = !warnings.children.length;
   renderImages(result);
   renderSimilar(result);
-  const models = Object.entries(result.models || {})
-    .map(([role, id]) => `${role} ${id}`)
-    .join(", ");
   const run = $("run-models");
-  run.textContent = `Answered by ${models || "unknown models"} · run ${result.run_id}`;
+  run.textContent = `Answered by ${describeModels(result.models)} · run ${result.run_id}`;
   if (result.test_models) run.append(" ", el("strong", { className: "badge warn", text: "TEST MODELS: not a real answer" }));
   $("run-status").textContent = `Run status: ${result.status}`;
   $("run-status").dataset.status = result.status;
@@ -582,6 +598,136 @@ function setupAsk() {
     send({ question });
   });
   $("resource-close").addEventListener("click", closeResource);
+}
+
+// -- chat: a stored summary named in the URL ----------------------------------------------------
+
+function setupSummary() {
+  const jobId = new URLSearchParams(location.search).get("summary");
+  if (jobId === null) return;
+  summary.jobId = jobId.trim();
+  $("summary-panel").hidden = false;
+  $("summary-retry").addEventListener("click", () => {
+    summary.settled = false;
+    loadSummary();
+  });
+  // Leaving the page stops the polling; coming back to it from the browser's history resumes it.
+  window.addEventListener("pagehide", stopSummaryPolling);
+  window.addEventListener("pageshow", (event) => {
+    if (event.persisted) resumeSummary();
+  });
+}
+
+function stopSummaryPolling() {
+  clearTimeout(summary.timer);
+  summary.timer = null;
+  summary.generation += 1;
+}
+
+// Load the summary unless it has settled; called whenever the chat view is shown.
+function resumeSummary() {
+  if (summary.jobId === null || summary.settled || summary.timer !== null) return;
+  loadSummary();
+}
+
+async function loadSummary() {
+  stopSummaryPolling();
+  const generation = summary.generation;
+  if (!JOB_ID.test(summary.jobId)) {
+    summary.settled = true;
+    showSummaryState("invalid", "This link does not name a summary (its summary id is malformed).");
+    return;
+  }
+  let job;
+  try {
+    job = await apiJson(`/v1/summaries/${encodeURIComponent(summary.jobId)}`);
+  } catch (error) {
+    if (generation === summary.generation) showSummaryError(error);
+    return;
+  }
+  if (generation !== summary.generation) return; // the view was left (or reloaded) meanwhile
+  renderSummaryJob(job);
+  if (job.status === "queued" || job.status === "running") {
+    summary.timer = setTimeout(() => {
+      summary.timer = null;
+      loadSummary();
+    }, SUMMARY_POLL_MS);
+  } else {
+    summary.settled = true;
+  }
+}
+
+// Empty the panel and show one state: its name (data-state) and a status line.
+function showSummaryState(state, message, { retry = false } = {}) {
+  const panel = $("summary-panel");
+  panel.dataset.state = state;
+  $("summary-status").textContent = message;
+  clear($("summary-text"));
+  clear($("summary-citations"));
+  $("summary-citations-box").hidden = true;
+  $("summary-models").textContent = "";
+  $("summary-disclaimer").hidden = true;
+  $("summary-retry").hidden = !retry;
+}
+
+function showSummaryError(error) {
+  summary.settled = true;
+  if (!(error instanceof ApiError)) {
+    showSummaryState("error", `The summary could not be loaded: ${error.message || error}`, { retry: true });
+  } else if (error.status === 404) {
+    showSummaryState("not-found", `No such summary: the service has no summary with id ${summary.jobId}.`);
+  } else if (error.status === 403) {
+    showSummaryState("forbidden", `You may not read this summary: ${error.message}.`, { retry: true });
+  } else if (error.status === 401) {
+    showSummaryState("unauthenticated", `Enter your API key above, then try again (${error.message}).`, {
+      retry: true,
+    });
+  } else {
+    showSummaryState("error", `The summary could not be loaded: ${error.describe()}`, { retry: true });
+  }
+}
+
+function renderSummaryJob(job) {
+  const panel = $("summary-panel");
+  panel.dataset.jobId = job.id;
+  panel.dataset.patientId = job.patient_id;
+  $("summary-title").textContent = `Summary · patient ${job.patient_id}`;
+  // A card link names its patient; a bare summary link still opens the chat on the summary's patient.
+  if (!state.patient) selectPatient({ id: job.patient_id });
+  else if (state.patient.id !== job.patient_id) {
+    $("summary-title").append(" ", el("strong", { className: "badge warn", text: "not the selected patient" }));
+  }
+  const requested = `requested ${localTime(job.created_at)}${job.requested_by ? ` by ${job.requested_by}` : ""}`;
+  if (job.status === "queued" || job.status === "running") {
+    const attempt = job.attempts > 1 ? `, attempt ${job.attempts} of ${job.max_attempts}` : "";
+    const failed = job.error_code ? ` · the last attempt failed (${job.error_code}) and will be retried` : "";
+    showSummaryState(job.status, `Being prepared (${job.status}${attempt}) · ${requested}${failed}. Checking every 2 s…`);
+    return;
+  }
+  if (job.status === "dead") {
+    const attempts = `after ${job.attempts} attempt(s)`;
+    showSummaryState(
+      "dead",
+      `This summary could not be written ${attempts}: ${job.error_message || "no reason recorded"} ` +
+        `[${job.error_code || "error"}] · ${requested}${job.run_id ? ` · run ${job.run_id}` : ""}`,
+    );
+    return;
+  }
+  if (job.status !== "done") {
+    showSummaryState("error", `The summary is in an unknown state: ${job.status}`, { retry: true });
+    return;
+  }
+  showSummaryState("done", `Written ${localTime(job.finished_at || job.created_at)} · ${requested}`);
+  if (job.summary_readable === false) {
+    $("summary-text").textContent = "The summary is stored encrypted and this server holds no key to read it.";
+  } else {
+    renderCitedText($("summary-text"), job.run_id, job.summary || "", job.citations);
+    renderCitationList($("summary-citations"), $("summary-citations-box"), job.run_id, job.citations);
+  }
+  const written = job.write_back_ref ? ` · saved to the record as ${job.write_back_ref}` : "";
+  $("summary-models").textContent = `Written by ${describeModels(job.models)} · run ${job.run_id}${written}`;
+  $("summary-disclaimer").textContent = $("disclaimer").textContent;
+  $("summary-disclaimer").hidden = false;
 }
 
 // -- audit viewer ---------------------------------------------------------------------------------
@@ -771,6 +917,8 @@ function route() {
   $("audit-view").hidden = !audit;
   $("nav-chat").classList.toggle("active", !audit);
   $("nav-audit").classList.toggle("active", audit);
+  if (audit) stopSummaryPolling();
+  else resumeSummary();
   if (audit) {
     const runId = decodeURIComponent(hash.slice("#/audit/".length));
     loadRuns();
@@ -782,6 +930,7 @@ function route() {
 function start() {
   setupKey();
   setupPatientPicker();
+  setupSummary();
   setupAsk();
   setupAudit();
   window.addEventListener("hashchange", route);
