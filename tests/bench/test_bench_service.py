@@ -9,7 +9,9 @@ from tests.e2e.cli import run_cli
 
 
 def test_bench_service_reports_errors_latency_and_memory(tmp_path: Path) -> None:
-    done = run_cli(["bench", "service", "--chats", "6", "--sequential", "2", "--notifications", "10"], cwd=tmp_path, timeout=300)
+    done = run_cli(
+        ["bench", "service", "--chats", "6", "--sequential", "2", "--notifications", "10"], cwd=tmp_path, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["concurrent_chats"] == 6 and result["errors"] == 0 and result["sequential_errors"] == 0
