@@ -42,6 +42,7 @@ from agent.service import (
     routes_ui,
 )
 from agent.service.auth import PrincipalDep, require, require_content_access
+from agent.service.content_reads import record_content_read
 from agent.service.deps import ERROR_RESPONSES, PROBLEM_JSON, RuntimeDep
 from agent.service.middleware import install_middleware
 from agent.service.schemas import AskRequest, Problem
@@ -148,7 +149,12 @@ def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastA
         require(principal, "auditor", "admin")
         require_content_access(principal, content)
         runtime.ensure_schema()
-        return load_run(runtime.engine, run_id, include_content=content, cipher=runtime.cipher)
+        trace = load_run(runtime.engine, run_id, include_content=content, cipher=runtime.cipher)
+        if content:
+            await record_content_read(
+                runtime, principal, run_id=run_id, patient_ref=trace.run.patient_ref, what="trace"
+            )
+        return trace
 
     @app.get("/v1/runs/{run_id}/verify", response_model=VerifyReport, responses=ERROR_RESPONSES, tags=["audit"])
     async def verify_run(run_id: str, runtime: RuntimeDep, principal: PrincipalDep) -> VerifyReport:
@@ -177,6 +183,9 @@ def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastA
         require_content_access(principal, content)
         runtime.ensure_schema()
         trace = load_run(runtime.engine, run_id, include_content=content, cipher=runtime.cipher)
+        if content:
+            patient = trace.run.patient_ref
+            await record_content_read(runtime, principal, run_id=run_id, patient_ref=patient, what=f"export:{format}")
         if format == "fhir":
             return export_fhir(trace)
         if format == "otel":
@@ -189,7 +198,9 @@ def create_app(settings: Settings, runtime: AgentRuntime | None = None) -> FastA
         require(principal, "auditor", "admin")
         require_content_access(principal, True)  # the replayed answer is clinical content
         runtime.ensure_schema()
-        return replay(load_run(runtime.engine, run_id, cipher=runtime.cipher))
+        trace = load_run(runtime.engine, run_id, cipher=runtime.cipher)
+        await record_content_read(runtime, principal, run_id=run_id, patient_ref=trace.run.patient_ref, what="replay")
+        return replay(trace)
 
     app.openapi = lambda: _openapi_with_problem_json(app)  # type: ignore[method-assign]
     routers = (routes_health, routes_threads, routes_records, routes_summaries, routes_notifications, routes_cds)

@@ -24,8 +24,10 @@ from agent.errors import MedagentError
 from agent.jobs.store import JobRecord, create_job, get_job, list_jobs, requeue_dead
 from agent.jobs.worker import load_summary
 from agent.jobs.writeback import check_write_back_possible
+from agent.runner import patient_reference
 from agent.runtime import AgentRuntime
 from agent.service.auth import Principal, PrincipalDep, require
+from agent.service.content_reads import record_content_read
 from agent.service.deps import ERROR_RESPONSES, JobQueueDep, RuntimeDep
 from agent.service.schemas import Problem
 from agent.service.summary_schemas import IDEMPOTENCY_KEY_PATTERN, JobStatus, SummaryJobView, SummaryRequest
@@ -188,6 +190,8 @@ async def read_summary(
     job = await asyncio.to_thread(_job_or_404, runtime, job_id)
     view = SummaryJobView(**job.model_dump())
     if content and job.status == "done" and job.run_id:
+        patient = patient_reference(job.patient_id)
+        await record_content_read(runtime, principal, run_id=job.run_id, patient_ref=patient, what="summary")
         summary = await asyncio.to_thread(load_summary, runtime, job.run_id)
         view.summary = summary.summary
         view.citations = summary.citations

@@ -81,3 +81,29 @@ def test_auditor_endpoints_verify_export_and_replay(client: TestClient) -> None:
     assert "Heart failure status?" not in str(metadata_only)
     assert client.get("/v1/runs", params={"status": "failed"}).json() == []
     assert client.get("/v1/runs/nope/verify").status_code == 404
+
+
+def test_reading_clinical_content_is_itself_recorded(client: TestClient) -> None:
+    patient_id = PATIENTS["cxr"]["patient_id"]
+    asked = client.post("/v1/ask", json={"patient_id": patient_id, "question": "Heart failure status?"}).json()
+    headers = {"X-Purpose-Of-Use": "HQUALIMP"}
+
+    def reads() -> list[dict[str, object]]:
+        return [r for r in client.get("/v1/runs").json() if r["kind"] == "content-read"]
+
+    assert client.get(f"/v1/runs/{asked['run_id']}", headers=headers).status_code == 200
+    assert reads() == []  # metadata only: nothing clinical was read
+    client.get(f"/v1/runs/{asked['run_id']}", params={"content": "true"}, headers=headers)
+    client.get(f"/v1/runs/{asked['run_id']}/replay", headers=headers)
+    client.get(f"/v1/runs/{asked['run_id']}/export", params={"content": "true", "format": "fhir"}, headers=headers)
+    recorded = reads()
+    assert len(recorded) == 3
+    assert {(r["user_id"], r["purpose_of_use"], r["patient_ref"]) for r in recorded} == {
+        ("dev", "HQUALIMP", f"Patient/{patient_id}")
+    }
+    whats = set()
+    for read in recorded:
+        trace = client.get(f"/v1/runs/{read['run_id']}", params={"content": "true"}).json()
+        assert trace["events"][0]["content"]["run_id"] == asked["run_id"]
+        whats.add(trace["events"][0]["content"]["what"])
+    assert whats == {"trace", "replay", "export:fhir"}

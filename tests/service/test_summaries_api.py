@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from agent.audit.reader import list_runs
+from agent.audit.reader import list_runs, load_run
 from agent.runtime import AgentRuntime
 from agent.service.app import create_app
 from agent.service.auth import new_api_key
@@ -76,13 +76,20 @@ def test_queue_a_summary_and_read_it_when_done(api: tuple[TestClient, dict[str, 
     assert [c["valid"] for c in done["citations"]] == [True, False]
     assert done["models"]["reasoner"] == "scripted-reasoner"
     assert done["created_at"].endswith(("Z", "+00:00"))
-    [run] = list_runs(runtime.engine)
+    [run] = [r for r in list_runs(runtime.engine) if r.kind == "ask"]
     assert (run.run_id, run.trigger, run.user_id, run.purpose_of_use) == (
         done["run_id"],
         "api",
         "user-clinician",
         "TREAT",
     )
+    # reading the finished summary is itself recorded: who read which run's content
+    read = next(r for r in list_runs(runtime.engine) if r.kind == "content-read")
+    assert (read.user_id, read.user_role, read.patient_ref) == ("user-clinician", "clinician", f"Patient/{CXR}")
+    assert load_run(runtime.engine, read.run_id, include_content=True).events[0].content == {
+        "run_id": done["run_id"],
+        "what": "summary",
+    }
     # a service (e.g. an EHR integration) may request and read summaries too
     service_job = client.post(f"/v1/patients/{CXR}/summaries", headers=headers["service"]).json()
     assert _poll(client, service_job["id"], headers["service"])["summary"]
