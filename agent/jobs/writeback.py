@@ -33,6 +33,7 @@ from agent.config import FhirSettings
 from agent.errors import ConfigError, MedagentError
 from agent.sources.fhir_validation import validate_resource
 from agent.sources.http_auth import client_kwargs, http_auth
+from agent.sources.smart_auth import smart_auth_from_settings
 
 FHIR_JSON = "application/fhir+json"
 LOINC = "http://loinc.org"
@@ -191,20 +192,8 @@ def build_transaction(summary: SummaryToWrite, *, now: datetime | None = None) -
 
 def _auth(settings: FhirSettings) -> tuple[dict[str, str], httpx.Auth | None]:
     """Return the headers and httpx auth the read path uses for this server (basic, bearer or SMART)."""
-    if settings.smart_client_id and settings.smart_private_key_file and settings.base_url:
-        from agent.sources.smart_auth import SmartBackendAuth
-
-        smart = SmartBackendAuth.from_files(
-            settings.base_url,
-            settings.smart_client_id,
-            settings.smart_private_key_file,
-            algorithm=settings.smart_algorithm,
-            key_id=settings.smart_key_id,
-            scopes=settings.smart_scopes,
-            token_url=settings.smart_token_url,
-            renew_before_s=settings.smart_renew_before_s,
-            timeout_s=settings.timeout_s,
-        )
+    smart = smart_auth_from_settings(settings)
+    if smart is not None:
         return {}, smart
     creds = client_kwargs(settings)
     return http_auth(creds["username"], creds["password"], creds["bearer_token"])

@@ -244,22 +244,9 @@ class HttpFhirSource:
         """
         if not settings.base_url:
             raise ValueError("FhirSettings.base_url is not set")
-        auth = None
-        if settings.smart_client_id and settings.smart_private_key_file:
-            from agent.sources.smart_auth import SmartBackendAuth
+        from agent.sources.smart_auth import smart_auth_from_settings
 
-            # The key is read and checked here, so a bad key fails when the source is built.
-            auth = SmartBackendAuth.from_files(
-                settings.base_url,
-                settings.smart_client_id,
-                settings.smart_private_key_file,
-                algorithm=settings.smart_algorithm,
-                key_id=settings.smart_key_id,
-                scopes=settings.smart_scopes,
-                token_url=settings.smart_token_url,
-                renew_before_s=settings.smart_renew_before_s,
-                timeout_s=settings.timeout_s,
-            )
+        auth = smart_auth_from_settings(settings)
         return cls(
             settings.base_url,
             observer=observer,

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from agent.config import FhirSettings
 from agent.errors import ConfigError, SourceUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -460,3 +461,23 @@ def _oauth_details(response: httpx.Response) -> dict[str, Any]:
         if isinstance(value, str) and value:
             details[key] = value[:_MAX_DESCRIPTION_CHARS]
     return details
+
+
+def smart_auth_from_settings(settings: FhirSettings) -> SmartBackendAuth | None:
+    """Return the SMART Backend Services auth the ``fhir`` settings describe, or None when not configured.
+
+    The key is read and checked here, so a bad key fails when the client is built.
+    """
+    if not (settings.base_url and settings.smart_client_id and settings.smart_private_key_file):
+        return None
+    return SmartBackendAuth.from_files(
+        settings.base_url,
+        settings.smart_client_id,
+        settings.smart_private_key_file,
+        algorithm=settings.smart_algorithm,
+        key_id=settings.smart_key_id,
+        scopes=settings.smart_scopes,
+        token_url=settings.smart_token_url,
+        renew_before_s=settings.smart_renew_before_s,
+        timeout_s=settings.timeout_s,
+    )
