@@ -102,6 +102,26 @@ def _runtime(tmp_path: Path, scorer: Any, reasoner: Any, **settings: Any) -> Age
     return AgentRuntime(settings=base, models=ModelCache(loader=loader))
 
 
+def bundles_with_twins(tmp_path: Path) -> Path:
+    """Return a copy of the fixture bundles plus two patients (twin-1, twin-2) sharing one MRN."""
+    bundles = tmp_path / "fhir"
+    shutil.copytree(DEFAULT_FIXTURES / "fhir", bundles)
+    twins = [
+        {
+            "resourceType": "Patient",
+            "id": f"twin-{n}",
+            "name": [{"family": "Twin", "given": [f"N{n}"]}],
+            "birthDate": "1970-01-01",
+            "identifier": [{"system": "urn:test:mrn", "value": "DUP-1"}],
+        }
+        for n in (1, 2)
+    ]
+    (bundles / "twins.json").write_text(
+        json.dumps({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": t} for t in twins]})
+    )
+    return bundles
+
+
 async def test_cxr_patient_answer_is_cited_and_every_step_traced(tmp_path: Path) -> None:
     scorer, reasoner = FakeScorer(), ScriptedReasoner()
     runtime = _runtime(tmp_path, scorer, reasoner)
@@ -277,21 +297,7 @@ async def test_patient_by_identifier_and_ambiguity_never_guessed(tmp_path: Path)
     assert load_run(runtime.engine, result.run_id).run.patient_ref == f"Patient?{by_mrn}"
 
     # two patients sharing one MRN: the run fails and says so, and never picks one
-    bundles = tmp_path / "fhir"
-    shutil.copytree(DEFAULT_FIXTURES / "fhir", bundles)
-    twins = [
-        {
-            "resourceType": "Patient",
-            "id": f"twin-{n}",
-            "name": [{"family": "Twin", "given": [f"N{n}"]}],
-            "birthDate": "1970-01-01",
-            "identifier": [{"system": "urn:test:mrn", "value": "DUP-1"}],
-        }
-        for n in (1, 2)
-    ]
-    (bundles / "twins.json").write_text(
-        json.dumps({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": t} for t in twins]})
-    )
+    bundles = bundles_with_twins(tmp_path)
     ambiguous = _runtime(tmp_path / "other", FakeScorer(), ScriptedReasoner())
     ambiguous.settings.fhir.bundle_dir = bundles
     with pytest.raises(AmbiguousPatientError) as caught:

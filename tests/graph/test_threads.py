@@ -7,7 +7,6 @@ graph, the bundle-folder FHIR source and the SQL trace. Scripted: the models.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,11 +14,10 @@ import pytest
 from pydantic import SecretStr
 
 from agent.audit.reader import load_run
-from agent.config import DEFAULT_FIXTURES
 from agent.graph.threads import checkpointer_location
 from agent.runner import AgentRuntime, resume_ask, run_ask
 from tests.graph.scripted import PlanningReasoner
-from tests.graph.test_ask_flow import PATIENTS, FakeScorer, _runtime
+from tests.graph.test_ask_flow import PATIENTS, FakeScorer, _runtime, bundles_with_twins
 
 NOIMG = PATIENTS["noimg"]["patient_id"]
 
@@ -72,21 +70,7 @@ async def test_a_thread_remembers_earlier_turns_without_replaying_chat(thread_ru
 async def test_an_ambiguous_patient_interrupts_and_resumes_with_the_choice(
     tmp_path: Path, thread_runtime: MakeRuntime
 ) -> None:
-    bundles = tmp_path / "fhir"
-    shutil.copytree(DEFAULT_FIXTURES / "fhir", bundles)
-    twins = [
-        {
-            "resourceType": "Patient",
-            "id": f"twin-{n}",
-            "name": [{"family": "Twin", "given": [f"N{n}"]}],
-            "birthDate": "1970-01-01",
-            "identifier": [{"system": "urn:test:mrn", "value": "DUP-1"}],
-        }
-        for n in (1, 2)
-    ]
-    (bundles / "twins.json").write_text(
-        json.dumps({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": t} for t in twins]})
-    )
+    bundles = bundles_with_twins(tmp_path)
     reasoner = PlanningReasoner()
     runtime = thread_runtime(reasoner)
     runtime.settings.fhir.bundle_dir = bundles

@@ -6,8 +6,6 @@ disconnect test a real uvicorn server and socket. Scripted: the models.
 
 from __future__ import annotations
 
-import json
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -20,13 +18,13 @@ from pydantic import SecretStr
 from agent.audit.keys import verifiers_for
 from agent.audit.reader import list_runs, load_run
 from agent.audit.verify import verify_trace
-from agent.config import DEFAULT_FIXTURES, ApiKeySpec
+from agent.config import ApiKeySpec
 from agent.runner import AgentRuntime
 from agent.service.app import create_app
 from agent.service.auth import new_api_key
 from agent.service.sse import DONE, read_sse
 from tests.graph.scripted import PlanningReasoner
-from tests.graph.test_ask_flow import PATIENTS, FakeScorer, _runtime
+from tests.graph.test_ask_flow import PATIENTS, FakeScorer, _runtime, bundles_with_twins
 from tests.support.app_server import serve_app
 
 NOIMG = PATIENTS["noimg"]["patient_id"]
@@ -82,21 +80,7 @@ def test_a_thread_streams_typed_events_and_remembers_its_turns(tmp_path: Path) -
 
 
 def test_an_ambiguous_patient_interrupts_and_a_message_resumes_it(tmp_path: Path) -> None:
-    bundles = tmp_path / "fhir"
-    shutil.copytree(DEFAULT_FIXTURES / "fhir", bundles)
-    twins = [
-        {
-            "resourceType": "Patient",
-            "id": f"twin-{n}",
-            "name": [{"family": "Twin", "given": [f"N{n}"]}],
-            "birthDate": "1970-01-01",
-            "identifier": [{"system": "urn:test:mrn", "value": "DUP-1"}],
-        }
-        for n in (1, 2)
-    ]
-    (bundles / "twins.json").write_text(
-        json.dumps({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": t} for t in twins]})
-    )
+    bundles = bundles_with_twins(tmp_path)
     runtime = _thread_runtime(tmp_path, PlanningReasoner())
     runtime.settings.fhir.bundle_dir = bundles
     client = TestClient(create_app(runtime.settings, runtime))
