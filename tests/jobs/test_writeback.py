@@ -33,6 +33,28 @@ from tests.support.servers import FhirServerHandle
 CXR = PATIENTS["cxr"]["patient_id"]
 
 
+def _documents_of_cxr(base: str) -> set[str]:
+    bundle = httpx.get(f"{base}/DocumentReference", params={"subject": f"Patient/{CXR}", "_count": "1000"}).json()
+    return {entry["resource"]["id"] for entry in bundle.get("entry") or []}
+
+
+@pytest.fixture(autouse=True)
+def _leave_the_shared_server_as_found(request: pytest.FixtureRequest) -> Any:
+    """Delete what a test wrote to the session's FHIR server (other tests compare it with the fixtures)."""
+    if "fhir_server" not in request.fixturenames:
+        yield
+        return
+    base = request.getfixturevalue("fhir_server").base_url
+    before = _documents_of_cxr(base)
+    yield
+    for document_id in _documents_of_cxr(base) - before:
+        found = httpx.get(f"{base}/Provenance", params={"target": f"DocumentReference/{document_id}"}).json()
+        for entry in found.get("entry") or []:
+            httpx.delete(f"{base}/Provenance/{entry['resource']['id']}").raise_for_status()
+        httpx.delete(f"{base}/DocumentReference/{document_id}").raise_for_status()
+    assert _documents_of_cxr(base) == before
+
+
 def _runtime(tmp_path: Path, base_url: str, **jobs: Any) -> AgentRuntime:
     runtime = job_runtime(f"sqlite:///{tmp_path / 'jobs.db'}", fhir={"base_url": base_url}, backoff_s=0.05, **jobs)
     runtime.ensure_schema()
