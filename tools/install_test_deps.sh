@@ -4,6 +4,7 @@
 #   - Debian's chromium, driven by Playwright in the web UI's end-to-end test (no browser download)
 #   - the Medplum FHIR engine for tests (npm ci in tools/fhir_server)
 #   - the PostgreSQL server on 127.0.0.1:5432 (pre-started on this kind of machine; started if down)
+#   - Redis on 127.0.0.1:6379 (likewise), for the saq job-queue tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,5 +34,14 @@ if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
   if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
     echo "starting the local PostgreSQL cluster"
     pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
+  fi
+fi
+
+# Redis on 127.0.0.1:6379 (pre-started on this kind of machine; started if down, loopback only,
+# nothing kept on disk) for the saq job-queue tests.
+if command -v redis-cli >/dev/null 2>&1 && ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  if command -v redis-server >/dev/null 2>&1; then
+    echo "starting Redis on 127.0.0.1:6379"
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no || true
   fi
 fi
