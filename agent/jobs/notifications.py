@@ -53,17 +53,23 @@ def record_event(engine: Engine, *, subscription: str, event_number: int, focus:
     return SeenEvent(subscription=subscription, event_number=event_number, focus=focus, received_at=received), True
 
 
+#: The columns a :class:`SeenEvent` is read from.
+_EVENT_COLUMNS = (
+    NotificationEvent.subscription,
+    NotificationEvent.event_number,
+    NotificationEvent.focus,
+    NotificationEvent.job_id,
+    NotificationEvent.received_at,
+)
+
+
 def get_event(engine: Engine, *, subscription: str, event_number: int) -> SeenEvent | None:
     """Return the recorded event, or None."""
     with engine.connect() as conn:
         row = conn.execute(
-            select(
-                NotificationEvent.subscription,
-                NotificationEvent.event_number,
-                NotificationEvent.focus,
-                NotificationEvent.job_id,
-                NotificationEvent.received_at,
-            ).where(NotificationEvent.subscription == subscription, NotificationEvent.event_number == event_number)
+            select(*_EVENT_COLUMNS).where(
+                NotificationEvent.subscription == subscription, NotificationEvent.event_number == event_number
+            )
         ).first()
     return SeenEvent.model_validate(row._asdict()) if row is not None else None
 
@@ -85,15 +91,5 @@ def attach_job(engine: Engine, *, subscription: str, event_number: int, job_id: 
 def list_events(engine: Engine, *, limit: int = 100) -> list[SeenEvent]:
     """Return recorded events, newest first."""
     with engine.connect() as conn:
-        rows = conn.execute(
-            select(
-                NotificationEvent.subscription,
-                NotificationEvent.event_number,
-                NotificationEvent.focus,
-                NotificationEvent.job_id,
-                NotificationEvent.received_at,
-            )
-            .order_by(NotificationEvent.id.desc())
-            .limit(limit)
-        ).all()
+        rows = conn.execute(select(*_EVENT_COLUMNS).order_by(NotificationEvent.id.desc()).limit(limit)).all()
     return [SeenEvent.model_validate(row._asdict()) for row in rows]

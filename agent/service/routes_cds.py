@@ -26,11 +26,10 @@ from urllib.parse import quote
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agent.audit.reader import load_run
-from agent.audit.replay import replay
 from agent.errors import MedagentError
 from agent.integrations.fhir_notifications import FHIR_ID
 from agent.jobs.store import JobRecord, create_job, latest_done_job
+from agent.jobs.worker import load_summary
 from agent.runtime import AgentRuntime
 from agent.service.auth import PrincipalDep, require
 from agent.service.deps import ERROR_RESPONSES, RuntimeDep, get_job_queue
@@ -355,12 +354,12 @@ def _stored_summary(runtime: AgentRuntime, job: JobRecord) -> tuple[str, str] | 
     if job.run_id is None:
         return None
     try:
-        result = replay(load_run(runtime.engine, job.run_id, include_content=True, cipher=runtime.cipher))
+        stored = load_summary(runtime, job.run_id)
     except MedagentError:
         return None  # a missing or unreadable run: the card says a summary is being prepared
-    if result.status != "ok" or result.answer_source == "unavailable" or not result.answer.strip():
+    if not stored.readable or not stored.summary.strip():
         return None
-    return result.answer, result.models.get("reasoner") or runtime.settings.models.medgemma
+    return stored.summary, stored.models.get("reasoner") or runtime.settings.models.medgemma
 
 
 def _written(job: JobRecord) -> str:
