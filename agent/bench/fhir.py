@@ -9,6 +9,9 @@ On a generated patient with ten years of dense history (``tools/make_large_patie
   sequential per-type baseline modelled on Google's EHR Navigator agent: a Patient read, then a
   dozen searches one at a time, each followed to its last page, then every resource dumped as JSON
   as the "context";
+- the floor: one search that reads every Observation of the patient and nothing else. Any client
+  whose context covers the whole history pays at least this, so sequential / floor bounds the
+  speedup any such client could show against this server;
 - HTTP requests each made (counted from the source's request events);
 - context size in tokens: MedGemma's own tokenizer when its files are in the local cache, else a
   stated proxy (word pieces), and the ratio dump / ours;
@@ -172,25 +175,40 @@ async def assemble_sequential(base_url: str, patient_id: str) -> Assembly:
     return Assembly(text, len(observer.fhir), len(resources), elapsed)
 
 
+async def read_observations_once(base_url: str, patient_id: str) -> Assembly:
+    """Read every Observation of the patient in one search and nothing else: the floor.
+
+    Any client whose context covers the whole history must read every Observation once, so on
+    this server no such client can assemble a context faster than this single search takes.
+    """
+    observer = ListObserver()
+    started = time.perf_counter()
+    async with HttpFhirSource(base_url, observer=observer, max_pages=SEQUENTIAL_MAX_PAGES, timeout_s=300) as fhir:
+        resources = await fhir.search("Observation", {"patient": patient_id})
+    return Assembly("", len(observer.fhir), len(resources), time.perf_counter() - started)
+
+
 def compare_assembly(
     base_url: str, patient_id: str, settings: Settings, repeats: int, as_of: datetime
 ) -> dict[str, Any]:
-    """Time both assemblies ``repeats`` times, interleaved after one warm-up each; return medians."""
-    runs: dict[str, list[Assembly]] = {"ours": [], "sequential": []}
+    """Time both assemblies and the floor ``repeats`` times, interleaved after a warm-up; return medians."""
+    runs: dict[str, list[Assembly]] = {"ours": [], "sequential": [], "floor": []}
 
     async def all_runs() -> None:
         # warm-up: the engine's caches, imports and the first connection cost hit neither side
         await assemble_medagent(base_url, patient_id, LARGE_PATIENT_QUESTION, settings, as_of)
         await assemble_sequential(base_url, patient_id)
-        for _ in range(repeats):  # interleaved, so machine noise hits both alike
+        for _ in range(repeats):  # interleaved, so machine noise hits all alike
             runs["ours"].append(await assemble_medagent(base_url, patient_id, LARGE_PATIENT_QUESTION, settings, as_of))
             runs["sequential"].append(await assemble_sequential(base_url, patient_id))
+            runs["floor"].append(await read_observations_once(base_url, patient_id))
 
     asyncio.run(all_runs())
     ours, sequential = runs["ours"][-1], runs["sequential"][-1]
     return {
         "ours_median_s": statistics.median(a.seconds for a in runs["ours"]),
         "sequential_median_s": statistics.median(a.seconds for a in runs["sequential"]),
+        "floor_median_s": statistics.median(a.seconds for a in runs["floor"]),
         "ours": ours,
         "sequential": sequential,
     }
@@ -273,11 +291,14 @@ def run_benchmark(*, observations: int = 5000, repeats: int = 5, echo: Echo = pr
     ours: Assembly = timing["ours"]
     sequential: Assembly = timing["sequential"]
     speedup = timing["sequential_median_s"] / timing["ours_median_s"]
+    bound = timing["sequential_median_s"] / timing["floor_median_s"]
     results.update(
         {
             "ours_median_ms": round(timing["ours_median_s"] * 1000, 1),
             "sequential_median_ms": round(timing["sequential_median_s"] * 1000, 1),
             "speedup_vs_sequential": round(speedup, 2),
+            "observation_read_median_ms": round(timing["floor_median_s"] * 1000, 1),
+            "speedup_bound_reading_everything": round(bound, 2),
             "requests": ours.requests,
             "sequential_requests": sequential.requests,
             "resources_read": ours.resources,
@@ -291,6 +312,11 @@ def run_benchmark(*, observations: int = 5000, repeats: int = 5, echo: Echo = pr
         f"(discover + fetch_history, concurrency {settings.fhir.concurrency}, + build_context, budget {budget}) vs "
         f"sequential baseline {results['sequential_median_ms']:.0f} ms (Patient read + {len(SEQUENTIAL_SEARCHES)} "
         f"per-type searches one at a time, every page, JSON dump): speedup {speedup:.2f}x"
+    )
+    echo(
+        f"  floor: one search reading every Observation (nothing else): {results['observation_read_median_ms']:.0f}"
+        f" ms on this server, so a client that reads the whole history cannot beat the baseline by more than "
+        f"{bound:.2f}x here"
     )
     echo(
         f"  HTTP requests: medagent {ours.requests}, baseline {sequential.requests}; resources read: "

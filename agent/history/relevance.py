@@ -8,6 +8,7 @@ model's plan (issue 5) will add its own terms through ``extra_terms``.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -144,7 +145,14 @@ def question_terms(question: str | None, extra_terms: Iterable[str] = ()) -> set
 
 
 def _mentions(text: str, term: str) -> bool:
-    return re.search(rf"(?<![a-z0-9]){re.escape(term)}(?![a-z0-9])", text) is not None
+    # The substring test rejects almost every (row, term) pair at C speed; only the rest pay for
+    # the whole-word regex. Relevance runs for every row of a long history, once per term.
+    return term in text and _whole_word(term).search(text) is not None
+
+
+@functools.lru_cache(maxsize=4096)
+def _whole_word(term: str) -> re.Pattern[str]:
+    return re.compile(rf"(?<![a-z0-9]){re.escape(term)}(?![a-z0-9])")
 
 
 def relevance(text: str, terms: set[str]) -> int:

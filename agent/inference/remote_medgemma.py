@@ -39,6 +39,7 @@ from agent.inference.protocols import (
 )
 from agent.inference.thinking import GEMMA_SPECIAL_TEXTS, StreamCleaner, clean_text
 from agent.sources.fhir_http import parse_retry_after
+from agent.sources.http_clients import sync_client
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class RemoteMedGemma:
         headers = {"Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        self._client = httpx.Client(timeout=timeout_s, headers=headers, transport=transport)
+        self._client = sync_client(timeout=timeout_s, headers=headers, transport=transport)
         self._model_checked = False
         self._check_lock = threading.Lock()
 

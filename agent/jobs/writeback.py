@@ -33,6 +33,7 @@ from agent.config import FhirSettings
 from agent.errors import ConfigError, MedagentError
 from agent.sources.fhir_validation import validate_resource
 from agent.sources.http_auth import client_kwargs, http_auth
+from agent.sources.http_clients import async_client
 from agent.sources.smart_auth import smart_auth_from_settings
 
 FHIR_JSON = "application/fhir+json"
@@ -239,7 +240,7 @@ async def write_back_summary(
     headers, auth = _auth(settings)
     request_headers = {"Accept": FHIR_JSON, **headers}
     owned = client is None
-    http = client or httpx.AsyncClient(timeout=httpx.Timeout(settings.timeout_s))
+    http = client or async_client(timeout=httpx.Timeout(settings.timeout_s))
     try:
         # An earlier attempt may have committed on the server and crashed before recording it: its
         # document (and the Provenance written in the same transaction) is the one to keep.

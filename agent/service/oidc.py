@@ -54,6 +54,7 @@ from jwt.exceptions import (
 
 from agent.config import OidcSettings, Role
 from agent.errors import ConfigError, MedagentError
+from agent.sources.http_clients import async_client
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +370,7 @@ class OidcVerifier:
 
     async def _fetch(self) -> _KeySet:
         try:
-            async with httpx.AsyncClient(timeout=self._timeout_s, follow_redirects=False) as client:
+            async with async_client(timeout=self._timeout_s, follow_redirects=False) as client:
                 if self._jwks_uri is None:
                     self._jwks_uri = await self._discover(client)
                 document = await _get_json(client, self._jwks_uri, "JWKS")

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from agent.audit.db import current_revision, head_revision
 from agent.runtime import AgentRuntime
 from agent.sources.http_auth import client_kwargs, http_auth
+from agent.sources.http_clients import async_client
 
 #: A syntactically valid UID under the "2.25" (UUID) root that no study carries.
 PROBE_STUDY_UID = "2.25.0"
@@ -76,7 +77,7 @@ def _database(runtime: AgentRuntime) -> tuple[bool, str]:
 async def _get(url: str, group: Any, params: dict[str, str] | None = None) -> httpx.Response:
     kwargs = client_kwargs(group)
     headers, auth = http_auth(kwargs["username"], kwargs["password"], kwargs["bearer_token"])
-    async with httpx.AsyncClient(timeout=min(CHECK_TIMEOUT_S, kwargs["timeout_s"]), headers=headers, auth=auth) as c:
+    async with async_client(timeout=min(CHECK_TIMEOUT_S, kwargs["timeout_s"]), headers=headers, auth=auth) as c:
         return await c.get(url, params=params)
 
 
@@ -110,7 +111,7 @@ async def _models(runtime: AgentRuntime) -> tuple[bool, str]:
         headers = (
             {"Authorization": f"Bearer {models.remote_api_key.get_secret_value()}"} if models.remote_api_key else {}
         )
-        async with httpx.AsyncClient(timeout=CHECK_TIMEOUT_S, headers=headers) as client:
+        async with async_client(timeout=CHECK_TIMEOUT_S, headers=headers) as client:
             reply = await client.get(models.remote_url.rstrip("/") + "/models")
         if reply.status_code != 200:
             return False, f"GET /models: HTTP {reply.status_code}"

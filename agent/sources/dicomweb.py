@@ -35,6 +35,7 @@ from agent.domain.events import AccessObserver, DicomRetrievalEvent
 from agent.domain.refs import InstanceRef, StudyRef
 from agent.errors import InvalidResourceError, SourceUnavailableError
 from agent.sources.http_auth import client_kwargs, http_auth
+from agent.sources.http_clients import async_client, loads_json
 
 DICOM_JSON = "application/dicom+json"
 #: WADO-RS instance retrieval in whatever transfer syntax the server stored (no transcoding).
@@ -262,7 +263,7 @@ class DicomWebSource:
         self._timeout_s = timeout_s
         self._headers, self._auth = http_auth(username, password, bearer_token)
         self._owns_client = client is None
-        self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(timeout_s))
+        self._client = client or async_client(timeout=httpx.Timeout(timeout_s))
 
     @classmethod
     def from_settings(cls, settings: DicomSettings, observer: AccessObserver) -> DicomWebSource:
@@ -661,7 +662,7 @@ class DicomWebSource:
                 message = f"{empty_means} not found on {self.base_url}"
             self._fail(event, status, SourceUnavailableError(message, details={"status": status}))
         try:
-            items = response.json()
+            items = loads_json(response.content)
         except ValueError as exc:
             self._fail(
                 event,

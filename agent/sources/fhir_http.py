@@ -40,6 +40,7 @@ from agent.config import FhirSettings
 from agent.domain.events import AccessObserver, FhirRequestEvent
 from agent.errors import InvalidResourceError, PatientNotFoundError, SourceUnavailableError
 from agent.sources.http_auth import client_kwargs, http_auth
+from agent.sources.http_clients import async_client, loads_json
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ class HttpFhirSource:
             self._auth = auth
         self._headers = {"Accept": FHIR_JSON, **auth_headers}
         self._owns_client = client is None
-        self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(timeout_s))
+        self._client = client or async_client(timeout=httpx.Timeout(timeout_s))
 
     @classmethod
     def from_settings(cls, settings: FhirSettings, observer: AccessObserver) -> HttpFhirSource:
@@ -567,7 +568,7 @@ class HttpFhirSource:
     def _decode(self, response: httpx.Response, url: httpx.URL, what: str, started: float) -> Any:
         """Return a 2xx body as a FHIR resource dict, or emit the event and raise InvalidResourceError."""
         try:
-            data = response.json()
+            data = loads_json(response.content)
         except ValueError as exc:
             error = f"FHIR server {self.base_url} returned a body that is not JSON for a {what} request"
             self._emit("GET", url, response.status_code, [], started, error)

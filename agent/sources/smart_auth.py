@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from agent.config import FhirSettings
 from agent.errors import ConfigError, SourceUnavailableError
+from agent.sources.http_clients import async_client
 
 logger = logging.getLogger(__name__)
 
@@ -417,7 +418,7 @@ class SmartBackendAuth(httpx.Auth):
         and its own timeout; they are rare (once per token lifetime), so no pool is kept.
         """
         try:
-            async with httpx.AsyncClient(timeout=httpx.Timeout(self._timeout_s)) as client:
+            async with async_client(timeout=httpx.Timeout(self._timeout_s)) as client:
                 return await client.request(method, url, data=data, headers={"Accept": "application/json"})
         except httpx.TimeoutException as exc:
             raise SourceUnavailableError(f"{what} {url} timed out after {self._timeout_s:g}s") from exc

@@ -107,6 +107,9 @@ def test_small_benchmark_run_reports_sane_figures() -> None:
     assert json.loads(lines[-1]) == results
     assert len(lines) >= 5
     assert results["speedup_vs_sequential"] > 0
+    # one search is less work than twelve that read the same Observations and more besides
+    assert 0 < results["observation_read_median_ms"] < results["sequential_median_ms"]
+    assert results["speedup_bound_reading_everything"] > 1
     assert results["requests"] > 0
     assert results["sequential_requests"] >= 12  # Patient read + 11 searches, one page at least each
     assert 0 <= results["fact_recall"] <= 1

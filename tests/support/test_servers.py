@@ -112,6 +112,60 @@ def test_fhir_server_accepts_update_as_create_and_keeps_history(fhir_server: Fhi
         assert [e["resource"]["gender"] for e in bundle["entry"]] == ["other", "female"]
 
 
+def test_fhir_server_shared_search_parameters_match_each_type_by_its_own_path(fhir_server: FhirServerHandle) -> None:
+    # The wrapper narrows multi-type parameters (``patient``, ``date``...) to each type's own branch,
+    # a speed fix only: what matches must be what FHIR R4 defines.
+    base, pid, tag = fhir_server.base_url, str(uuid.uuid4()), uuid.uuid4().hex
+    created = [
+        ("Patient", {"resourceType": "Patient", "id": pid}),
+        ("Group", {"resourceType": "Group", "id": pid, "type": "person", "actual": True}),
+        (
+            "Observation",
+            {
+                "resourceType": "Observation",
+                "id": f"o-{tag}",
+                "status": "final",
+                "code": {"text": tag},
+                "subject": {"reference": f"Patient/{pid}"},
+                "effectiveDateTime": "2021-03-04",
+            },
+        ),
+        # same id, but the subject is a Group: ``patient=`` must not match it
+        (
+            "Observation",
+            {
+                "resourceType": "Observation",
+                "id": f"g-{tag}",
+                "status": "final",
+                "code": {"text": tag},
+                "subject": {"reference": f"Group/{pid}"},
+                "effectiveDateTime": "2019-01-01",
+            },
+        ),
+        (
+            "AllergyIntolerance",
+            {"resourceType": "AllergyIntolerance", "id": f"a-{tag}", "patient": {"reference": f"Patient/{pid}"}},
+        ),
+    ]
+    try:
+        for rtype, body in created:
+            assert httpx.put(f"{base}/{rtype}/{body['id']}", json=body).status_code in (200, 201)
+
+        def ids(query: str) -> set[str]:
+            bundle = httpx.get(f"{base}/{query}").json()
+            return {e["resource"]["id"] for e in bundle.get("entry", [])}
+
+        assert ids(f"Observation?patient={pid}") == {f"o-{tag}"}
+        assert ids(f"Observation?patient=Patient/{pid}") == {f"o-{tag}"}
+        assert ids(f"Observation?subject={pid}") == {f"o-{tag}", f"g-{tag}"}
+        assert ids(f"AllergyIntolerance?patient={pid}") == {f"a-{tag}"}
+        assert ids(f"Observation?code:text={tag}&date=ge2020-01-01") == {f"o-{tag}"}
+        assert ids(f"Observation?code:text={tag}&date=lt2020-01-01") == {f"g-{tag}"}
+    finally:
+        for rtype, body in reversed(created):
+            httpx.delete(f"{base}/{rtype}/{body['id']}")
+
+
 def test_load_fhir_bundles_splits_large_transactions(fhir_server: FhirServerHandle, tmp_path: Path) -> None:
     # 60 updates: above the engine's 50-update transaction limit, and linked by urn:uuid references.
     patient_id = str(uuid.uuid4())
