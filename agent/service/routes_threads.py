@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
@@ -209,8 +210,15 @@ async def _locked(frames: AsyncGenerator[str, None], lock: asyncio.Lock) -> Asyn
 
 
 def _thread_lock(request: Request, thread_id: str) -> asyncio.Lock:
-    """Return the per-thread lock: one message at a time, or the checkpoints would interleave."""
-    locks: dict[str, asyncio.Lock] = request.app.state.__dict__.setdefault("thread_locks", {})
+    """Return the per-thread lock: one message at a time, or the checkpoints would interleave.
+
+    The registry holds its locks weakly: a lock lives while a reply (its streaming generator)
+    references it and then disappears, so a long-running service does not keep one per thread
+    ever answered.
+    """
+    locks: weakref.WeakValueDictionary[str, asyncio.Lock] = request.app.state.__dict__.setdefault(
+        "thread_locks", weakref.WeakValueDictionary()
+    )
     lock = locks.get(thread_id)
     if lock is None:
         lock = locks[thread_id] = asyncio.Lock()

@@ -6,6 +6,7 @@ disconnect test a real uvicorn server and socket. Scripted: the models.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from pathlib import Path
@@ -200,6 +201,13 @@ def test_one_message_at_a_time_per_thread(tmp_path: Path) -> None:
                     break
             busy = http.post(f"/v1/threads/{thread_id}/messages", json={"question": "Meanwhile?"})
             assert busy.status_code == 409 and busy.json()["code"] == "thread_busy"
+            assert thread_id in app.state.thread_locks
             gate.set()
             rest = read_sse(lines)
         assert rest[-2][1]["status"] == "ok" and rest[-1][1] == DONE
+        # once the reply is over its lock is not kept: a long-running service holds none per idle thread
+        deadline = time.monotonic() + 5
+        while thread_id in app.state.thread_locks and time.monotonic() < deadline:
+            gc.collect()
+            time.sleep(0.05)
+        assert thread_id not in app.state.thread_locks
