@@ -15,17 +15,20 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
+from functools import partial
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, insert, select, text
+from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 
 from agent import __version__
-from agent.audit.chain import GENESIS_HASH, canonical_json, event_hash, sha256_hex
+from agent.audit.chain import GENESIS_HASH, canonical_json, event_hash, merkle_root, sha256_hex
 from agent.audit.keys import CheckpointSigner, ContentCipher, DigestSigner
-from agent.audit.tables import AuditEvent, AuditRun, Base, utcnow
+from agent.audit.tables import AuditEvent, utcnow
 from agent.domain.events import DicomRetrievalEvent, FhirRequestEvent
 from agent.errors import AuditError, MedagentError
 
@@ -44,15 +47,84 @@ NOTE = "note"
 
 #: Run statuses a ``run_finished`` record can carry.
 FINAL_STATUSES = ("ok", "failed", "cancelled", "interrupted")
-# Statements built once and executed with parameters: building a new INSERT per record costs
-# SQLAlchemy more time than SQLite needs to commit it.
-_SELECT_HEAD = select(AuditEvent.chain_seq, AuditEvent.hash).order_by(AuditEvent.chain_seq.desc()).limit(1)
-_INSERT_EVENT = insert(Base.metadata.tables["audit_events"])
-_INSERT_CONTENT = insert(Base.metadata.tables["audit_content"])
-_INSERT_CHECKPOINT = insert(Base.metadata.tables["audit_checkpoints"])
-
 #: PostgreSQL advisory lock key serialising appends to the one global chain.
 CHAIN_LOCK_KEY = 0x6D656461  # "meda"
+
+_EVENT_COLUMNS = (
+    "run_id, seq, chain_seq, prev_hash, hash, content_hash, kind, name, at, duration_ms, status, meta, content_id"
+)
+_CHECKPOINT_COLUMNS = "created_at, chain_seq, head_hash, algorithm, key_id, signature"
+#: The run row's fields after its id and created_at, in the order the run INSERT binds them.
+_RUN_COLUMNS = (
+    "kind",
+    "trigger",
+    "patient_ref",
+    "user_id",
+    "user_role",
+    "purpose_of_use",
+    "thread_id",
+    "software_version",
+    "settings_fingerprint",
+)
+
+
+class _DriverSql:
+    """One dialect's append statements as driver SQL, run on the DBAPI cursor of the recorder's connection.
+
+    Each record costs a handful of statements; through SQLAlchemy Core each one costs more Python
+    time than SQLite needs to commit the whole record, so the hot path speaks to the driver directly
+    (sqlite3 ``?`` placeholders, psycopg ``%s``). Timestamps go through the column type's own bind
+    processor, so rows are stored exactly as SQLAlchemy would store them.
+    """
+
+    def __init__(self, dialect: Dialect) -> None:
+        if dialect.name == "sqlite" and dialect.paramstyle == "qmark":
+            mark, meta_mark = "?", "?"
+            # The write lock is taken up front, so two processes never both read the same head.
+            self.begin: str | None = "BEGIN IMMEDIATE"
+            self.lock: str | None = None
+            self.content_returns_id = False
+        elif dialect.name == "postgresql" and dialect.paramstyle in ("format", "pyformat"):
+            mark, meta_mark = "%s", "%s::json"
+            self.begin = None  # the driver opens the transaction with the first statement
+            # A separate statement from the head query: under READ COMMITTED the head query then
+            # takes its snapshot after the lock is held, and so sees the last committed record.
+            self.lock = f"SELECT pg_advisory_xact_lock({CHAIN_LOCK_KEY})"
+            self.content_returns_id = True
+        else:
+            raise AuditError(f"the trace cannot be written to {dialect.name} ({dialect.driver})")
+
+        def values(count: int) -> str:
+            return ", ".join([mark] * count)
+
+        columns = ", ".join(f'"{column}"' for column in ("id", "created_at", *_RUN_COLUMNS))  # "trigger": a keyword
+        self.insert_run = f"INSERT INTO audit_runs ({columns}) VALUES ({values(2 + len(_RUN_COLUMNS))})"
+        self.head = "SELECT chain_seq, hash FROM audit_events ORDER BY chain_seq DESC LIMIT 1"
+        self.run_hashes = f"SELECT hash FROM audit_events WHERE run_id = {mark} ORDER BY seq"
+        self.insert_content = f"INSERT INTO audit_content (run_id, media_type, body) VALUES ({values(3)})"
+        if self.content_returns_id:
+            self.insert_content += " RETURNING id"
+        # meta (12th of the 13 columns) is bound as its canonical JSON text
+        self.insert_event = f"INSERT INTO audit_events ({_EVENT_COLUMNS}) VALUES ({values(11)}, {meta_mark}, {mark})"
+        self.insert_checkpoint = f"INSERT INTO audit_checkpoints ({_CHECKPOINT_COLUMNS}) VALUES ({values(6)})"
+        at_type = AuditEvent.__table__.c.at.type
+        self.time_param: Callable[[Any], Any] | None = at_type.dialect_impl(dialect).bind_processor(dialect)
+
+    def param_time(self, value: datetime) -> Any:
+        """Return a timestamp as this dialect's driver parameter."""
+        return self.time_param(value) if self.time_param is not None else value
+
+
+_DRIVER_SQL: dict[tuple[str, str, str], _DriverSql] = {}
+
+
+def _driver_sql(dialect: Dialect) -> _DriverSql:
+    """Return the statements for this dialect (built once per dialect, driver and paramstyle)."""
+    key = (dialect.name, dialect.driver, dialect.paramstyle)
+    sql = _DRIVER_SQL.get(key)
+    if sql is None:
+        sql = _DRIVER_SQL[key] = _DriverSql(dialect)
+    return sql
 
 
 def checkpoint_message(chain_seq: int, head_hash: str) -> bytes:
@@ -116,6 +188,8 @@ class TraceRecorder:
         self.current_node: str | None = None
         self.finished_status: str | None = None
         self._conn: Connection | None = None
+        self._driver: tuple[Any, Any] | None = None
+        self._sql: _DriverSql
 
     @classmethod
     def resume(cls, engine: Engine, run_id: str, **kwargs: Any) -> TraceRecorder:
@@ -154,10 +228,17 @@ class TraceRecorder:
             "software_version": __version__,
             "settings_fingerprint": settings_fingerprint,
         }
+        created_at = utcnow()
+
+        def insert_run(cursor: Any) -> None:
+            values = (self.run_id, self._sql.param_time(created_at), *(fields[column] for column in _RUN_COLUMNS))
+            cursor.execute(self._sql.insert_run, values)
+
         try:
-            with Session(self.engine) as session, session.begin():
-                session.add(AuditRun(id=self.run_id, created_at=utcnow(), **fields))
+            with self._lock:
+                self._transaction(insert_run)
         except Exception as exc:
+            self.close()
             raise AuditError(f"cannot start the run's trace: {type(exc).__name__}") from exc
         self.event(RUN_STARTED, kind, meta={"run": fields, "process": process_identity()}, content=request)
 
@@ -203,10 +284,9 @@ class TraceRecorder:
         with self._lock:
             seq = self._seq + 1
             try:
-                conn = self._connection()
-                with conn.begin():
-                    self._append(
-                        conn,
+                self._transaction(
+                    partial(
+                        self._append,
                         seq=seq,
                         kind=kind,
                         name=name,
@@ -217,6 +297,7 @@ class TraceRecorder:
                         with_merkle_root=with_merkle_root,
                         checkpoint=checkpoint,
                     )
+                )
             except Exception as exc:
                 self.close()  # a broken connection is not reused; the next write opens a new one
                 raise AuditError(f"cannot write to the trace ({kind}): {type(exc).__name__}") from exc
@@ -225,11 +306,45 @@ class TraceRecorder:
                 self.close()
             return seq
 
-    def _connection(self) -> Connection:
-        """Return this recorder's connection (one per run, not one per record: checkout costs)."""
+    def _transaction(self, write: Callable[[Any], None]) -> None:
+        """Run ``write`` with the DBAPI cursor in one transaction and commit it; roll back on any failure.
+
+        The transaction is run on the driver connection: SQLAlchemy's Connection only holds it
+        (pool checkout and return, invalidation) and never has a transaction of its own open.
+        """
+        dbapi, cursor = self._cursor()
+        try:
+            if self._sql.begin:
+                cursor.execute(self._sql.begin)
+            write(cursor)
+            dbapi.commit()
+        except BaseException:
+            self._rollback(dbapi)  # also on cancellation: the write lock is never kept
+            raise
+
+    def _cursor(self) -> tuple[Any, Any]:
+        """Return this recorder's driver connection and cursor (one per run, not one per record)."""
         if self._conn is None:
-            self._conn = self.engine.connect()
-        return self._conn
+            conn = self.engine.connect()
+            try:
+                self._sql = _driver_sql(conn.dialect)
+                dbapi = conn.connection.driver_connection
+                assert dbapi is not None  # a checked-out connection holds its driver connection
+                self._driver = (dbapi, dbapi.cursor())
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        assert self._driver is not None
+        return self._driver
+
+    def _rollback(self, dbapi: Any) -> None:
+        """Roll back the record's transaction; a connection that cannot is dropped from the pool."""
+        try:
+            dbapi.rollback()
+        except Exception:
+            if self._conn is not None:
+                self._conn.invalidate()
 
     def close(self) -> None:
         """Return the connection to the pool (done automatically when the run finishes)."""
@@ -238,10 +353,11 @@ class TraceRecorder:
                 self._conn.close()
             finally:
                 self._conn = None
+                self._driver = None
 
     def _append(
         self,
-        conn: Connection,
+        cursor: Any,
         *,
         seq: int,
         kind: str,
@@ -253,73 +369,71 @@ class TraceRecorder:
         with_merkle_root: bool,
         checkpoint: bool,
     ) -> None:
-        lock_chain(conn)
-        last = conn.execute(_SELECT_HEAD).first()
-        chain_seq = last.chain_seq + 1 if last else 1
-        prev_hash = last.hash if last else GENESIS_HASH
+        sql = self._sql
+        if sql.lock:
+            cursor.execute(sql.lock)
+        cursor.execute(sql.head)
+        last = cursor.fetchone()
+        chain_seq = last[0] + 1 if last else 1
+        prev_hash = last[1] if last else GENESIS_HASH
         content_id = content_hash = None
         if content is not None:
             body = canonical_json(content)
             media_type = "application/json"
             if self.cipher is not None:
                 body, media_type = self.cipher.encrypt(body), self.cipher.media_type
-            inserted = conn.execute(_INSERT_CONTENT, {"run_id": self.run_id, "media_type": media_type, "body": body})
-            key = inserted.inserted_primary_key
-            assert key is not None  # an INSERT always reports its primary key
-            content_id, content_hash = key[0], sha256_hex(body)
+            cursor.execute(sql.insert_content, (self.run_id, media_type, body))
+            content_id = cursor.fetchone()[0] if sql.content_returns_id else cursor.lastrowid
+            content_hash = sha256_hex(body)
         if with_merkle_root:
-            from agent.audit.chain import merkle_root
-
-            hashes = conn.scalars(
-                select(AuditEvent.hash).where(AuditEvent.run_id == self.run_id).order_by(AuditEvent.seq)
-            ).all()
-            meta = {**meta, "merkle_root": merkle_root(list(hashes)), "merkle_leaves": len(hashes)}
-        # Stored exactly as hashed: the JSON round-trip makes meta what the database gives back.
-        meta = json.loads(canonical_json(meta))
+            cursor.execute(sql.run_hashes, (self.run_id,))
+            hashes = [row[0] for row in cursor.fetchall()]
+            meta = {**meta, "merkle_root": merkle_root(hashes), "merkle_leaves": len(hashes)}
+        # Stored exactly as hashed: the canonical text is what the JSON column holds, and the
+        # hash is over what that text reads back as.
+        meta_text = canonical_json(meta)
+        meta = json.loads(meta_text)
         at = utcnow()
-        duration = round(duration_ms, 3) if duration_ms is not None else None
+        # float(): an int would be hashed as "5" but read back from the REAL column as 5.0
+        duration = round(float(duration_ms), 3) if duration_ms is not None else None
+        name = name[:200]
         digest = event_hash(
             chain_seq=chain_seq,
             prev_hash=prev_hash,
             run_id=self.run_id,
             seq=seq,
             kind=kind,
-            name=name[:200],
+            name=name,
             at=at,
             duration_ms=duration,
             status=status,
             meta=meta,
             content_hash=content_hash,
         )
-        conn.execute(
-            _INSERT_EVENT,
-            {
-                "run_id": self.run_id,
-                "seq": seq,
-                "chain_seq": chain_seq,
-                "prev_hash": prev_hash,
-                "hash": digest,
-                "content_hash": content_hash,
-                "kind": kind,
-                "name": name[:200],
-                "at": at,
-                "duration_ms": duration,
-                "status": status,
-                "meta": meta,
-                "content_id": content_id,
-            },
+        stored_at = sql.param_time(at)
+        cursor.execute(
+            sql.insert_event,
+            (
+                self.run_id,
+                seq,
+                chain_seq,
+                prev_hash,
+                digest,
+                content_hash,
+                kind,
+                name,
+                stored_at,
+                duration,
+                status,
+                meta_text,
+                content_id,
+            ),
         )
         if checkpoint or chain_seq % self.checkpoint_every == 0:
-            conn.execute(
-                _INSERT_CHECKPOINT,
-                {
-                    "created_at": at,
-                    "chain_seq": chain_seq,
-                    "head_hash": digest,
-                    "algorithm": self.signer.algorithm,
-                    "key_id": self.signer.key_id,
-                    "signature": self.signer.sign(checkpoint_message(chain_seq, digest)),
-                },
+            signature = self.signer.sign(checkpoint_message(chain_seq, digest))
+            cursor.execute(
+                sql.insert_checkpoint,
+                (stored_at, chain_seq, digest, self.signer.algorithm, self.signer.key_id, signature),
             )
 
     @contextmanager
@@ -366,13 +480,3 @@ class TraceRecorder:
             duration_ms=event.duration_ms,
             meta=event.model_dump(exclude={"duration_ms"}),
         )
-
-
-def lock_chain(conn: Connection) -> None:
-    """Serialise appends to the global chain for the rest of this transaction.
-
-    PostgreSQL: a transaction-scoped advisory lock. SQLite: the engine opens every transaction
-    with ``BEGIN IMMEDIATE`` (agent/audit/db.py), which already holds the database's write lock.
-    """
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK_KEY})
