@@ -54,8 +54,9 @@ _EVENT_COLUMNS = (
     "run_id, seq, chain_seq, prev_hash, hash, content_hash, kind, name, at, duration_ms, status, meta, content_id"
 )
 _CHECKPOINT_COLUMNS = "created_at, chain_seq, head_hash, algorithm, key_id, signature"
-#: The run row's fields after its id and created_at, in the order the run INSERT binds them.
-_RUN_COLUMNS = (
+#: The run row's fields after its id and created_at: bound in this order by the run INSERT, and
+#: repeated in the chained ``run_started`` record, where verification compares them with the row.
+RUN_FIELDS = (
     "kind",
     "trigger",
     "patient_ref",
@@ -97,8 +98,8 @@ class _DriverSql:
         def values(count: int) -> str:
             return ", ".join([mark] * count)
 
-        columns = ", ".join(f'"{column}"' for column in ("id", "created_at", *_RUN_COLUMNS))  # "trigger": a keyword
-        self.insert_run = f"INSERT INTO audit_runs ({columns}) VALUES ({values(2 + len(_RUN_COLUMNS))})"
+        columns = ", ".join(f'"{column}"' for column in ("id", "created_at", *RUN_FIELDS))  # "trigger": a keyword
+        self.insert_run = f"INSERT INTO audit_runs ({columns}) VALUES ({values(2 + len(RUN_FIELDS))})"
         self.head = "SELECT chain_seq, hash FROM audit_events ORDER BY chain_seq DESC LIMIT 1"
         self.run_hashes = f"SELECT hash FROM audit_events WHERE run_id = {mark} ORDER BY seq"
         self.insert_content = f"INSERT INTO audit_content (run_id, media_type, body) VALUES ({values(3)})"
@@ -231,7 +232,7 @@ class TraceRecorder:
         created_at = utcnow()
 
         def insert_run(cursor: Any) -> None:
-            values = (self.run_id, self._sql.param_time(created_at), *(fields[column] for column in _RUN_COLUMNS))
+            values = (self.run_id, self._sql.param_time(created_at), *(fields[column] for column in RUN_FIELDS))
             cursor.execute(self._sql.insert_run, values)
 
         try:

@@ -18,21 +18,9 @@ from sqlalchemy.orm import Session
 
 from agent.audit.chain import GENESIS_HASH, event_hash, merkle_root, sha256_hex
 from agent.audit.keys import UNSIGNED, CheckpointSigner
-from agent.audit.recorder import RUN_FINISHED, RUN_STARTED, checkpoint_message
+from agent.audit.recorder import RUN_FIELDS, RUN_FINISHED, RUN_STARTED, checkpoint_message
 from agent.audit.tables import AuditCheckpoint, AuditContent, AuditEvent, AuditRun
 from agent.errors import AuditError, RunNotFoundError
-
-RUN_FIELDS = (
-    "kind",
-    "trigger",
-    "patient_ref",
-    "user_id",
-    "user_role",
-    "purpose_of_use",
-    "thread_id",
-    "software_version",
-    "settings_fingerprint",
-)
 
 
 class IntegrityProblem(BaseModel):
