@@ -10,7 +10,9 @@ thousands of dicts and lists, and each allocation burst triggers the cyclic garb
 whose full passes walk the whole heap (torch, transformers and LangGraph make that large): measured
 here, a 5 MB page took 110-240 ms to parse with the collector running and 85 ms with it paused.
 :func:`loads_json` therefore pauses the collector for the parse; a parse creates no reference
-cycles, so nothing is left for it to find. (orjson was tried: with the collector paused it gains
+cycles, so nothing is left for it to find. The new objects are still examined once afterwards,
+but in one pass instead of many. A whole context assembly over 6,000 resources measured about
+20% faster in fresh processes. (orjson was tried: with the collector paused it gains
 only ~20%, and it turns integers beyond 64 bits into floats without a word, which the standard
 parser keeps exact.)
 """
