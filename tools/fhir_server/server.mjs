@@ -69,13 +69,43 @@ function narrowSharedSearchParameters() {
       if (typeof expression !== 'string' || !expression.includes(' | ')) {
         continue;
       }
-      const branches = expression.split(' | ').map((branch) => branch.trim());
+      const branches = topLevelBranches(expression);
       const own = branches.filter((branch) => branch.startsWith(`${resourceType}.`) || branch.startsWith(`(${resourceType}.`));
       if (own.length > 0 && own.length < branches.length) {
         params[code] = { ...definition, expression: own.join(' | ') };
       }
     }
   }
+}
+
+// Split a FHIRPath expression at its top-level unions only: a `|` inside parentheses or a quoted
+// string belongs to its branch (`Observation.code.where(coding.code in ('a' | 'b'))` is one branch).
+function topLevelBranches(expression) {
+  const branches = [];
+  let depth = 0;
+  let quote = null;
+  let start = 0;
+  for (let i = 0; i < expression.length; i += 1) {
+    const ch = expression[i];
+    if (quote) {
+      if (ch === '\\') {
+        i += 1;
+      } else if (ch === quote) {
+        quote = null;
+      }
+    } else if (ch === "'" || ch === '`') {
+      quote = ch;
+    } else if (ch === '(') {
+      depth += 1;
+    } else if (ch === ')') {
+      depth -= 1;
+    } else if (ch === '|' && depth === 0) {
+      branches.push(expression.slice(start, i).trim());
+      start = i + 1;
+    }
+  }
+  branches.push(expression.slice(start).trim());
+  return branches;
 }
 
 // TEST-SERVER: the engine's readHistory calls Array.prototype.reverse() on its stored history,
