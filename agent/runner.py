@@ -14,7 +14,8 @@ import asyncio
 import logging
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -149,72 +150,65 @@ async def _execute_now(
     fhir = make_fhir_source(settings.fhir, recorder)
     dicom = make_dicom_source(settings.dicom, recorder)
     try:
-        loaded = _load_models(runtime, recorder)
-        with recorder.node("load_imaging_extras"):
-            extras = runtime.imaging_extras(settings)
-        context = RunContext(
-            fhir=fhir,
-            dicom=dicom,
-            scorer=loaded.scorer,
-            reasoner=loaded.reasoner,
-            recorder=recorder,
-            settings=settings,
-            label_sets=LABEL_SETS_BY_MODALITY,
-            as_of=as_of,
-            capabilities_cache=runtime.fhir_capabilities,
-            classifier=extras.classifier,
-            image_index=extras.index,
-            image_index_problem=extras.index_problem,
-            user_role=who.get("user_role"),
-            interactive=thread_id is not None,
-            listener=listener,
-        )
-        config: dict[str, Any] = {"recursion_limit": settings.agent.max_steps}
-        if thread_id is None:
-            if runtime.graph is None:
-                runtime.graph = build_ask_graph()
-            state = await _invoke(runtime.graph, graph_input, context, config)
-        else:
-            config["configurable"] = {"thread_id": thread_id}
-            async with open_checkpointer(settings.agent, settings.audit.content_key) as checkpointer:
-                state = await _invoke(build_ask_graph(checkpointer), graph_input, context, config)
-        recorder.current_node = None
-        pending = state.get("__interrupt__")
-        if pending:
-            value = pending[0].value
-            recorder.finish_run("interrupted", reason=f"waiting for the user: {value.get('kind', 'question')}")
-            return AskResult(
-                run_id=recorder.run_id,
-                status="interrupted",
-                thread_id=str(thread_id),
-                interrupt=value,
-                models=_models(loaded),
+        with ends_failed_run(recorder, "run"):
+            loaded = _load_models(runtime, recorder)
+            with recorder.node("load_imaging_extras"):
+                extras = runtime.imaging_extras(settings)
+            context = RunContext(
+                fhir=fhir,
+                dicom=dicom,
+                scorer=loaded.scorer,
+                reasoner=loaded.reasoner,
+                recorder=recorder,
+                settings=settings,
+                label_sets=LABEL_SETS_BY_MODALITY,
+                as_of=as_of,
+                capabilities_cache=runtime.fhir_capabilities,
+                classifier=extras.classifier,
+                image_index=extras.index,
+                image_index_problem=extras.index_problem,
+                user_role=who.get("user_role"),
+                interactive=thread_id is not None,
+                listener=listener,
             )
-        recorder.finish_run("ok")
-        result = AskResult(
-            run_id=recorder.run_id,
-            status="ok",
-            answer=state.get("answer", ""),
-            sources=state.get("sources", []),
-            citations=state.get("citations", []),
-            findings=[f.model_dump(mode="json") for f in state.get("findings", [])],
-            similar_cases=[c.model_dump(mode="json") for c in state.get("similar_cases", [])],
-            models=_models(loaded),
-            test_models=loaded.used_test_models,
-            warnings=[f"image skipped: {e['message']}" for e in state.get("image_errors", [])]
-            + [f"not read (role): {kind}" for kind in state.get("denied_types", [])],
-        )
-        if thread_id is not None:
-            result.thread_id = thread_id
-        return result
-    except MedagentError as exc:
-        finish_failed(recorder, exc)
-        raise
-    except (asyncio.CancelledError, KeyboardInterrupt):
-        finish_failed(recorder, RunCancelledError("the run was cancelled"))
-        raise
-    except Exception as exc:
-        raise finish_unexpected(recorder, exc, "run") from exc
+            config: dict[str, Any] = {"recursion_limit": settings.agent.max_steps}
+            if thread_id is None:
+                if runtime.graph is None:
+                    runtime.graph = build_ask_graph()
+                state = await _invoke(runtime.graph, graph_input, context, config)
+            else:
+                config["configurable"] = {"thread_id": thread_id}
+                async with open_checkpointer(settings.agent, settings.audit.content_key) as checkpointer:
+                    state = await _invoke(build_ask_graph(checkpointer), graph_input, context, config)
+            recorder.current_node = None
+            pending = state.get("__interrupt__")
+            if pending:
+                value = pending[0].value
+                recorder.finish_run("interrupted", reason=f"waiting for the user: {value.get('kind', 'question')}")
+                return AskResult(
+                    run_id=recorder.run_id,
+                    status="interrupted",
+                    thread_id=str(thread_id),
+                    interrupt=value,
+                    models=_models(loaded),
+                )
+            recorder.finish_run("ok")
+            result = AskResult(
+                run_id=recorder.run_id,
+                status="ok",
+                answer=state.get("answer", ""),
+                sources=state.get("sources", []),
+                citations=state.get("citations", []),
+                findings=[f.model_dump(mode="json") for f in state.get("findings", [])],
+                similar_cases=[c.model_dump(mode="json") for c in state.get("similar_cases", [])],
+                models=_models(loaded),
+                test_models=loaded.used_test_models,
+                warnings=[f"image skipped: {e['message']}" for e in state.get("image_errors", [])]
+                + [f"not read (role): {kind}" for kind in state.get("denied_types", [])],
+            )
+            if thread_id is not None:
+                result.thread_id = thread_id
+            return result
     finally:
         await fhir.aclose()
         await dicom.aclose()
@@ -258,6 +252,26 @@ def patient_reference(requested: str) -> str:
     if requested.startswith("identifier="):
         return f"Patient?{requested}"
     return f"Patient/{requested}"
+
+
+@contextmanager
+def ends_failed_run(recorder: TraceRecorder, what: str) -> Iterator[None]:
+    """End the run when the block raises, then re-raise: as failed, as cancelled, or as an internal error.
+
+    A cancellation (or Ctrl-C) is recorded as ``cancelled``; an exception that is not a
+    :class:`~agent.errors.MedagentError` is logged without its message and re-raised as
+    :class:`~agent.errors.InternalError` (see :func:`finish_unexpected`).
+    """
+    try:
+        yield
+    except MedagentError as exc:
+        finish_failed(recorder, exc)
+        raise
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        finish_failed(recorder, RunCancelledError(f"the {what} was cancelled"))
+        raise
+    except Exception as exc:
+        raise finish_unexpected(recorder, exc, what) from exc
 
 
 def finish_failed(recorder: TraceRecorder, error: MedagentError) -> None:

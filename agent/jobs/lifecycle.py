@@ -14,7 +14,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from agent.errors import MedagentError
 from agent.jobs.queue import InProcessQueue, JobQueue, SaqQueue, run_saq_worker
 from agent.jobs.worker import DEFAULT_LEASE_S
 from agent.runtime import AgentRuntime
@@ -34,12 +33,7 @@ async def run_job_queue(runtime: AgentRuntime, *, lease_s: float = DEFAULT_LEASE
     if runtime.settings.jobs.backend == "saq":
         saq_queue = SaqQueue(runtime)
         await saq_queue.connect()
-        try:
-            await saq_queue.recover()
-        except MedagentError as exc:
-            log.warning("job queue recovery skipped: %s: %s", exc.code, exc.metadata_dict()["message"])
-        except Exception as exc:
-            log.warning("job queue recovery skipped: %s", type(exc).__name__)
+        await saq_queue.recover_or_log("job queue recovery skipped")
         try:
             yield saq_queue
         finally:

@@ -221,6 +221,19 @@ class SaqQueue:
             log.info("saq recovery: enqueued %d queued job(s)", count)
         return count
 
+    async def recover_or_log(self, what: str) -> None:
+        """Run :meth:`recover`, logging a failure (code and message, never a job's content) instead of raising.
+
+        Recovery is a safety net: Redis or the database being down must not stop the API from
+        starting or the worker from consuming; the jobs wait safely in the table.
+        """
+        try:
+            await self.recover()
+        except MedagentError as exc:
+            log.warning("%s: %s: %s", what, exc.code, exc.metadata_dict()["message"])
+        except Exception as exc:
+            log.warning("%s: %s", what, type(exc).__name__)
+
 
 async def run_saq_worker(
     runtime: AgentRuntime,
@@ -271,12 +284,7 @@ async def run_saq_worker(
     every = recover_every_s or lease_s / 2
     try:
         while not stop.is_set() and not consumer.done():
-            try:
-                await queue.recover()
-            except MedagentError as exc:
-                log.warning("saq recovery: %s: %s", exc.code, exc.metadata_dict()["message"])
-            except Exception as exc:
-                log.warning("saq recovery failed: %s", type(exc).__name__)
+            await queue.recover_or_log("saq recovery failed")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(every):
                     await stop.wait()

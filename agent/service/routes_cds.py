@@ -32,6 +32,7 @@ from agent.jobs.store import JobRecord, create_job, latest_done_job
 from agent.jobs.worker import load_summary
 from agent.runtime import AgentRuntime
 from agent.service.auth import PrincipalDep, require
+from agent.service.bodies import read_limited_body
 from agent.service.deps import ERROR_RESPONSES, RuntimeDep, get_job_queue
 from agent.service.schemas import Problem
 
@@ -237,23 +238,12 @@ async def patient_summary_card(request: Request, runtime: RuntimeDep, principal:
     Needs the service role.
     """
     require(principal, "service", "admin")
-    call = _parse(await _read_body(request))
+    call = _parse(await read_limited_body(request, MAX_BODY_BYTES, CdsRequestError))
     _check_fhir_server(runtime, call)
     card, job, created = await asyncio.to_thread(_answer, runtime, call, principal.user, principal.purpose_of_use)
     if created:
         await get_job_queue(request).submit(job)
     return CdsResponse(cards=[card])
-
-
-async def _read_body(request: Request) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise CdsRequestError(f"the request is larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _parse(body: bytes) -> CdsRequest:

@@ -59,6 +59,7 @@ from agent.jobs.notifications import attach_job, record_event
 from agent.jobs.store import JobRecord, create_job
 from agent.runtime import AgentRuntime
 from agent.service.auth import NotAuthenticatedError
+from agent.service.bodies import read_limited_body
 from agent.service.deps import ERROR_RESPONSES, RuntimeDep, get_job_queue
 from agent.service.schemas import Problem
 from agent.sources.factory import make_fhir_source
@@ -258,17 +259,7 @@ async def _read_body(request: Request) -> bytes:
         PayloadTooLargeError: over :data:`MAX_BODY_BYTES`.
         UnsupportedMediaTypeError: a body declared as something other than JSON.
     """
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise PayloadTooLargeError(f"the notification is larger than {MAX_BODY_BYTES} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise PayloadTooLargeError(f"the notification is larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    body = await read_limited_body(request, MAX_BODY_BYTES, PayloadTooLargeError, what="notification")
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if body.strip() and media_type and media_type not in JSON_MEDIA_TYPES:
         raise UnsupportedMediaTypeError(

@@ -27,8 +27,8 @@ from agent.audit.reader import RunTrace, load_run
 from agent.audit.recorder import DICOM_RETRIEVAL, TraceRecorder, settings_fingerprint
 from agent.audit.replay import replay
 from agent.domain.refs import InstanceRef
-from agent.errors import ConfigError, MedagentError, RunCancelledError
-from agent.runner import finish_failed, finish_unexpected
+from agent.errors import ConfigError, MedagentError
+from agent.runner import ends_failed_run
 from agent.runtime import AgentRuntime
 from agent.service.auth import Principal, PrincipalDep, require
 from agent.service.deps import ERROR_RESPONSES, RuntimeDep
@@ -136,17 +136,10 @@ async def traced_view(
     fhir = make_fhir_source(settings.fhir, recorder)
     dicom = make_dicom_source(settings.dicom, recorder)
     try:
-        yield ViewAccess(recorder=recorder, fhir=fhir, dicom=dicom)
-        recorder.current_node = None
-        recorder.finish_run("ok")
-    except MedagentError as exc:
-        finish_failed(recorder, exc)
-        raise
-    except asyncio.CancelledError:
-        finish_failed(recorder, RunCancelledError("the view was cancelled"))
-        raise
-    except Exception as exc:
-        raise finish_unexpected(recorder, exc, "view") from exc
+        with ends_failed_run(recorder, "view"):
+            yield ViewAccess(recorder=recorder, fhir=fhir, dicom=dicom)
+            recorder.current_node = None
+            recorder.finish_run("ok")
     finally:
         await fhir.aclose()
         await dicom.aclose()
