@@ -184,6 +184,7 @@ class AuditSettings(BaseModel):
 Role = Literal["clinician", "auditor", "admin", "service"]
 
 #: Record types holding clinical content (everything but the Patient itself and imaging metadata).
+#: Billing resources (Claim, ExplanationOfBenefit) are not clinical context and are never read.
 CLINICAL_TYPES = [
     "Condition",
     "Observation",
@@ -192,6 +193,13 @@ CLINICAL_TYPES = [
     "Encounter",
     "DiagnosticReport",
     "DocumentReference",
+    "Procedure",
+    "Immunization",
+    "CarePlan",
+    "Goal",
+    "Device",
+    "FamilyMemberHistory",
+    "ServiceRequest",
 ]
 
 

@@ -203,8 +203,7 @@ async def _execute_now(
                 similar_cases=[c.model_dump(mode="json") for c in state.get("similar_cases", [])],
                 models=_models(loaded),
                 test_models=loaded.used_test_models,
-                warnings=[f"image skipped: {e['message']}" for e in state.get("image_errors", [])]
-                + [f"not read (role): {kind}" for kind in state.get("denied_types", [])],
+                warnings=context.warnings + [f"not read (role): {kind}" for kind in state.get("denied_types", [])],
             )
             if thread_id is not None:
                 result.thread_id = thread_id

@@ -36,6 +36,14 @@ TERM_TYPES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"visit|admi|encounter|hospital|discharg|seen", ("Encounter",)),
     (r"note|discharg|letter|wrote|document", ("DocumentReference",)),
     (r"report|impression|radiolog", ("DiagnosticReport",)),
+    (r"procedur|surg|operat|biops|resect|ectomy|otomy|plasty", ("Procedure",)),
+    (r"vaccin|immuni|shot|jab|booster|flu\b|influenza|tetanus|hpv", ("Immunization",)),
+    (r"care ?plan|plan of care|self.?management|therapy plan", ("CarePlan",)),
+    (r"goal|target", ("Goal",)),
+    (r"device|implant|stent|pacemaker|prosthe", ("Device",)),
+    (r"family|mother|father|sister|brother|sibling|hereditar|inherit", ("FamilyMemberHistory",)),
+    (r"order|referr|request", ("ServiceRequest",)),
+    (r"visit|admi|encounter|reason", ("Encounter",)),
     (r"image|imaging|x-?ray|cxr|radiograph|\bct\b|\bmri?\b|scan|study|studies|film|slice", ("ImagingStudy",)),
 )
 _IMAGE_TERMS = re.compile(
@@ -52,9 +60,18 @@ _CODED_FIELDS = {
     "MedicationRequest": "medicationCodeableConcept",
     "AllergyIntolerance": "code",
     "DiagnosticReport": "code",
+    "Procedure": "code",
+    "Immunization": "vaccineCode",
+    "Device": "type",
+    "ServiceRequest": "code",
+    "Goal": "description",
+    "FamilyMemberHistory": "relationship",
 }
 _DATE_FIELDS = (
     "effectiveDateTime",
+    "occurrenceDateTime",
+    "performedDateTime",
+    "performedPeriod",
     "onsetDateTime",
     "recordedDate",
     "authoredOn",

@@ -18,6 +18,8 @@ from agent.sources.fhir_validation import flag_invalid
 from agent.sources.history_fetch import HistoryFetch
 from agent.sources.history_fetch import fetch_history as fetch_patient_history
 
+#: How :func:`fetch_attachment_text` starts the text of an attachment it could not read.
+UNREAD_MARKERS = ("[not fetched:", "[not extracted:")
 #: Largest attachment fetched by URL for a note (bytes).
 MAX_ATTACHMENT_BYTES = 2_000_000
 
@@ -71,6 +73,9 @@ async def fetch_records(
     )
     if fetched.missing:
         ctx.recorder.event(NOTE, "partial_history", status="failed", meta={"missing": fetched.missing})
+        if len(fetched.missing) < len(types):  # when every type failed the caller decides
+            for kind, code in sorted(fetched.missing.items()):
+                ctx.warn(f"{kind} could not be fetched ({code}): the answer does not reflect it", reason="type_failed")
     # Validation is CPU work (about 0.3 ms a resource): off the event loop, so other runs go on.
     _, invalid = await asyncio.to_thread(flag_invalid, fetched.resources)
     if invalid:
@@ -91,6 +96,12 @@ async def url_attachment_texts(ctx: RunContext, resources: list[dict[str, Any]])
                 text = await fetch_attachment_text(ctx.fhir, attachment, MAX_ATTACHMENT_BYTES)
                 if text is not None:
                     texts[f"DocumentReference/{resource['id']}#{number}"] = text
+                    if text.startswith(UNREAD_MARKERS):
+                        # the marker says why (size, host, type, error): the answer names the note
+                        ctx.warn(
+                            f"DocumentReference/{resource['id']}: attachment {number} not read: {text.strip('[]')}",
+                            reason="attachment_unread",
+                        )
     return texts
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any, TypedDict
 
-from agent.audit.recorder import TraceRecorder
+from agent.audit.recorder import NOTE, TraceRecorder
 from agent.config import CLINICAL_TYPES, Settings
 from agent.domain.answer import Citation
 from agent.domain.imaging import Finding, PreparedImage
@@ -122,6 +122,21 @@ class RunContext:
     interactive: bool = False
     #: where stream events go (progress, tokens, ...); None when nobody listens
     listener: Callable[[StreamEvent], None] | None = None
+    #: what this run could not read and went on without, in words for the answer (never clinical text)
+    warnings: list[str] = field(default_factory=list)
+
+    def warn(self, message: str, *, reason: str, **meta: Any) -> None:
+        """Note something the run could not read and carried on without: in the answer and the trace.
+
+        A run degrades instead of dying (DESIGN.md): only an unresolvable patient, an unwritable
+        trace or no model answer fail it. Everything else lands here, so the reader of the answer
+        knows what is missing and the auditor sees the same words in the trace (``warning`` notes,
+        status ``degraded``). ``message`` names resources by reference and errors by code; it must
+        never carry clinical free text.
+        """
+        if message not in self.warnings:
+            self.warnings.append(message)
+        self.recorder.event(NOTE, "warning", status="degraded", meta={"reason": reason, "message": message, **meta})
 
     def emit(self, event: StreamEvent) -> None:
         """Send an event to the listener, if there is one."""

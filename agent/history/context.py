@@ -1,159 +1,88 @@
 """Build the compact, dated, cited patient context the reasoner reads.
 
+Where it sits: the graph's fetch step calls :func:`build_context` with everything fetched for
+the patient, the question and the plan's codes; the text goes into the model's prompt.
+
 Every line ends with the ``[Type/id]`` tags of the resources it rests on; the set of tags that
 appear is the run's *sources*, the only references a citation may name. Free text from notes is
-fenced and labelled as untrusted data so it cannot pose as instructions. Sections are capped;
-what is left out is said, never silently dropped.
+fenced and labelled as untrusted data so it cannot pose as instructions.
+
+Selection, within a token budget (see :mod:`agent.history.sections` for what a line is):
+
+1. lines the question points at: its terms found in the line's own words and codes (the plan's
+   codes matched exactly), and, when it names a time ("in 2019", "since March"), the lines with
+   facts inside that window, which then list every such fact;
+2. the core of any record: one flowsheet line per observation series (latest value, date, trend,
+   count), the active problems, active medications, allergies, active care plans and goals,
+   devices, family history, the last encounter and the last imaging study;
+3. the rest, newest first, a few per section.
+
+What does not fit is counted (per section, and in a closing line for sections with nothing
+shown), so nothing is dropped silently; a list line that cannot show all its matching facts
+says how many it left out.
 """
 
 from __future__ import annotations
 
-import re
-from collections import defaultdict
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from agent.domain.refs import ResourceRef
-from agent.history.fhir_values import (
-    attachment_text,
-    concept_key,
-    concept_text,
-    dated,
-    first_concept_text,
-    parse_when,
-    quantity_text,
-    range_text,
-)
-from agent.history.relevance import question_terms, relevance
+from agent.history.fhir_values import parse_when
+from agent.history.focus import QuestionFocus, day_window, question_focus
+from agent.history.relevance import mentions
+from agent.history.sections import SECTIONS, Item, Line, Renderer, make_lines, render_line, spec_of
 
-#: How many lines each section shows before summarising the rest by count.
+#: Lines each section shows from the third tier (neither asked about nor core) before counting the rest.
 SECTION_LIMITS = {
     "conditions": 20,
     "medications": 20,
     "allergies": 10,
     "observations": 25,
+    "procedures": 8,
+    "immunizations": 6,
     "encounters": 5,
     "reports": 5,
-    "notes": 3,
     "imaging": 5,
+    "care_plans": 5,
+    "goals": 5,
+    "devices": 10,
+    "family_history": 10,
+    "orders": 5,
+    "notes": 3,
 }
-NOTE_CHARS = 600
-
-T = TypeVar("T")
+#: Characters per token, the proxy used for the budget (MedGemma's tokenizer averages close to 4
+#: characters per token on English clinical text; the benchmark counts with the real tokenizer).
+CHARS_PER_TOKEN = 4
+_EPOCH = datetime.min.replace(tzinfo=UTC)
+# What a "… N more not shown (…)" line or a section heading costs at most, in characters.
+_OMITTED_LINE = 50
+_HEADING_EXTRA = 8
+_CLOSING_LINE = 60
 
 
 @dataclass
 class HistoryContext:
-    """The context text and the references it cites."""
+    """The context text, the references it cites, what was left out and what could not be read."""
 
     text: str
     sources: list[ResourceRef] = field(default_factory=list)
     omitted: dict[str, int] = field(default_factory=dict)
+    #: ``Type/id`` of resources whose fields could not be read (left out; the caller warns)
+    unreadable: list[str] = field(default_factory=list)
 
 
-def _tag(resource: dict[str, Any]) -> str:
-    return f"[{resource['resourceType']}/{resource['id']}]"
-
-
-def _status(resource: dict[str, Any], field_name: str) -> str | None:
-    value = resource.get(field_name)
-    if isinstance(value, dict):
-        return concept_text(value)
-    return str(value) if value else None
-
-
-Row = tuple[datetime | None, str, list[ResourceRef]]
-#: Characters per token, the proxy used for the budget (MedGemma's tokenizer averages close to 4
-#: characters per token on English clinical text; the benchmark counts with the real tokenizer).
-CHARS_PER_TOKEN = 4
-
-
-class _Builder:
-    """Accumulates lines; a resource becomes a source only if its line is actually shown."""
-
-    def __init__(
-        self,
-        as_of: datetime,
-        index: dict[str, dict[str, Any]] | None = None,
-        attachment_texts: dict[str, str] | None = None,
-    ) -> None:
-        self.as_of = as_of
-        #: text of URL attachments fetched before building ("Type/id#content index" -> text)
-        self.attachment_texts = attachment_texts or {}
-        #: years the question names, and whether it asks for a first / baseline value: older
-        #: readings of a series are shown only when the question points at them
-        self.question_years: set[int] = set()
-        self.wants_first = False
-        #: every fetched resource by "Type/id", to name what references point at
-        self.index = index or {}
-        self.lines: list[str] = []
-        self.cited: dict[str, ResourceRef] = {}
-        self.omitted: dict[str, int] = {}
-        self._row_refs: list[ResourceRef] = []
-
-    def cite(self, resource: dict[str, Any]) -> str:
-        """Return the resource's tag and remember it for the row being built."""
-        ref = ResourceRef.of(resource)
-        self._row_refs.append(ref)
-        return ref.tag
-
-    def rows(self, items: Iterable[T], render: Callable[[T, _Builder], tuple[datetime | None, str]]) -> list[Row]:
-        """Render each item into a row, keeping the references that row cites."""
-        rows: list[Row] = []
-        for item in items:
-            self._row_refs = []
-            when, text = render(item, self)
-            rows.append((when, text, self._row_refs))
-        return rows
-
-    def shown(self, refs: list[ResourceRef]) -> None:
-        """Record references whose line made it into the context."""
-        for ref in refs:
-            self.cited.setdefault(ref.reference, ref)
-
-    def sections(self, sections: list[tuple[str, str, list[Row]]], terms: set[str], budget_chars: int | None) -> None:
-        """Add the sections: relevant rows first, then newest; capped per section and by the budget.
-
-        Rows that do not fit are counted in a closing line of their section (and in ``omitted``),
-        so nothing is dropped silently.
-        """
-        epoch = datetime.min.replace(tzinfo=UTC)
-        ranked: dict[str, list[tuple[int, Row]]] = {}
-        for _, key, rows in sections:
-            scored = [(relevance(row[1], terms), row) for row in rows]
-            scored.sort(key=lambda item: (item[0], item[1][0] or epoch), reverse=True)
-            ranked[key] = scored[: SECTION_LIMITS[key]]
-        admitted: set[int] = set()
-        if budget_chars is None:
-            admitted = {id(row) for rows in ranked.values() for _, row in rows}
-        else:
-            # headers, blank lines and a possible "… N more not shown" line per section count too
-            spent = sum(len(line) + 1 for line in self.lines) + sum(
-                len(title) + 12 + 80 for title, _, rows in sections if rows
-            )
-            candidates = [(score, row) for rows in ranked.values() for score, row in rows]
-            candidates.sort(key=lambda item: (item[0], item[1][0] or epoch), reverse=True)
-            for _, row in candidates:
-                cost = len(row[1]) + 3
-                if spent + cost <= budget_chars:
-                    admitted.add(id(row))
-                    spent += cost
-        for title, key, rows in sections:
-            if not rows:
-                continue
-            shown = [row for _, row in ranked[key] if id(row) in admitted]
-            self.lines.append(f"## {title} ({len(rows)})")
-            for _, text, refs in shown:
-                self.lines.append(f"- {text}")
-                self.shown(refs)
-            left_out = len(rows) - len(shown)
-            if left_out:
-                self.omitted[key] = left_out
-                reason = "less relevant to the question or older" if terms else "older"
-                self.lines.append(f"- … {left_out} more {key} not shown ({reason})")
-            self.lines.append("")
+@dataclass
+class _Candidate:
+    line: Line
+    tier: int
+    rank: float
+    #: renderings, the fullest first; each with the references it cites
+    variants: list[tuple[str, list[ResourceRef]]]
+    chosen: int | None = None
 
 
 def build_context(
@@ -165,6 +94,7 @@ def build_context(
     question: str | None = None,
     token_budget: int | None = None,
     attachment_texts: dict[str, str] | None = None,
+    plan_terms: Iterable[str] = (),
 ) -> HistoryContext:
     """Return the dated, cited text of a patient's record as of a date.
 
@@ -175,243 +105,233 @@ def build_context(
         missing: resource types that could not be fetched (type -> error code): the context
             says the record is partial, so neither the model nor the reader takes absence as
             evidence.
-        question: facts whose text matches the question (and its clinical synonyms) come first
-            and survive the budget first.
+        question: facts the question points at come first and survive the budget first.
         token_budget: upper bound on the context's size, in tokens (estimated at
-            :data:`CHARS_PER_TOKEN` characters each); None keeps every row up to the section caps.
+            :data:`CHARS_PER_TOKEN` characters each); None keeps every asked-about and core
+            line, and a few of the rest per section.
         attachment_texts: text of attachments given by URL, fetched beforehand
             (``"DocumentReference/<id>#<content index>"`` -> text).
+        plan_terms: the plan's codes and terms (matched against the record's codes and words).
     """
     as_of = as_of or datetime.now(UTC)
-    by_type: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for resource in resources:
-        if isinstance(resource, dict) and resource.get("resourceType") and resource.get("id"):
-            by_type[resource["resourceType"]].append(resource)
+    usable = [r for r in resources if isinstance(r, dict) and r.get("resourceType") and r.get("id")]
+    index = {f"{r['resourceType']}/{r['id']}": r for r in usable}
+    renderer = Renderer(as_of, index, attachment_texts or {})
+    focus = question_focus(question, as_of, plan_terms)
+    lines, unreadable = make_lines(usable, renderer)
+    newest = _newest_per_section(lines)
+    if focus.last_visit and newest.get("encounters") is not None and newest["encounters"].when is not None:
+        focus.window = day_window(newest["encounters"].when, "at the last visit")
 
-    index = {f"{r['resourceType']}/{r['id']}": r for rs in by_type.values() for r in rs}
-    builder = _Builder(as_of, index, attachment_texts)
-    builder.question_years, builder.wants_first = _question_time_hints(question)
-    builder.lines.append(f"As of {as_of.date().isoformat()}.")
+    head = [f"As of {as_of.date().isoformat()}."]
     if missing:
         kinds = ", ".join(f"{kind} ({code})" for kind, code in sorted(missing.items()))
-        builder.lines.append(f"PARTIAL RECORD: these could not be fetched, so their absence means nothing: {kinds}.")
-    patient_row = builder.rows([patient], _patient_line)[0]
-    builder.lines.append(patient_row[1])
-    builder.shown(patient_row[2])
-    builder.lines.append("")
-    sections = [
-        ("Conditions", "conditions", builder.rows(by_type["Condition"], _condition)),
-        ("Medications", "medications", builder.rows(by_type["MedicationRequest"], _medication)),
-        ("Allergies", "allergies", builder.rows(by_type["AllergyIntolerance"], _allergy)),
-        (
-            "Labs and vitals (latest first)",
-            "observations",
-            builder.rows(_observation_series(by_type["Observation"]), _observation_row),
-        ),
-        ("Encounters", "encounters", builder.rows(by_type["Encounter"], _encounter)),
-        ("Reports", "reports", builder.rows(by_type["DiagnosticReport"], _report)),
-        ("Imaging studies", "imaging", builder.rows(by_type["ImagingStudy"], _imaging)),
-        ("Notes (untrusted text)", "notes", builder.rows(by_type["DocumentReference"], _note)),
-    ]
-    budget_chars = token_budget * CHARS_PER_TOKEN if token_budget is not None else None
-    builder.sections(sections, question_terms(question), budget_chars)
+        head.append(f"PARTIAL RECORD: these could not be fetched, so their absence means nothing: {kinds}.")
+    if unreadable:
+        head.append(f"UNREADABLE: {len(unreadable)} malformed resource(s) left out.")
+    renderer.refs = []
+    head.append(_patient_line(patient, renderer, as_of))
+    patient_refs = list(renderer.refs)
+    head.append("")
+
+    candidates = _candidates(lines, focus, question, renderer, newest)
+    _admit(candidates, head, token_budget)
+    text, sources, omitted = _render(candidates, head, focus)
+    while token_budget is not None and len(text) > token_budget * CHARS_PER_TOKEN:
+        # the admission's estimates were short: give up the least wanted line (or its fuller form)
+        shown = [c for c in candidates if c.chosen is not None]
+        if not shown:
+            break
+        last = shown[-1]
+        last.chosen = last.chosen + 1 if last.chosen is not None and last.chosen + 1 < len(last.variants) else None
+        text, sources, omitted = _render(candidates, head, focus)
     return HistoryContext(
-        text="\n".join(builder.lines).strip() + "\n",
-        sources=list(builder.cited.values()),
-        omitted=builder.omitted,
+        text=text,
+        sources=_unique(patient_refs + sources),
+        omitted=omitted,
+        unreadable=unreadable,
     )
 
 
-def _patient_line(patient: dict[str, Any], builder: _Builder) -> tuple[datetime | None, str]:
-    as_of = builder.as_of
+def _unique(refs: list[ResourceRef]) -> list[ResourceRef]:
+    seen: dict[str, ResourceRef] = {}
+    for ref in refs:
+        seen.setdefault(ref.reference, ref)
+    return list(seen.values())
+
+
+def _patient_line(patient: dict[str, Any], renderer: Renderer, as_of: datetime) -> str:
     born = parse_when(patient.get("birthDate"))
     age = ""
     if born is not None:
         years = as_of.year - born.year - ((as_of.month, as_of.day) < (born.month, born.day))
         age = f", age {years}"
+    deceased = parse_when(patient.get("deceasedDateTime"))
+    died = f", died {renderer.dated(deceased)}" if deceased is not None else ""
     gender = patient.get("gender", "unknown sex")
-    return born, f"Patient: {gender}{age} {builder.cite(patient)}"
+    return f"Patient: {gender}{age}{died} {renderer.cite(patient)}"
 
 
-def _condition(resource: dict[str, Any], b: _Builder) -> tuple[datetime | None, str]:
-    name = concept_text(resource.get("code")) or "unnamed condition"
-    status = _status(resource, "clinicalStatus") or "unknown status"
-    onset = parse_when(resource.get("onsetDateTime") or (resource.get("onsetPeriod") or {}).get("start"))
-    text = f"{name}: {status}, onset {_dated(onset, b)}"
-    abated = parse_when(resource.get("abatementDateTime"))
-    if abated is not None:
-        text += f", resolved {_dated(abated, b)}"
-    return onset, f"{text} {b.cite(resource)}"
+def _newest_per_section(lines: list[Line]) -> dict[str, Line]:
+    newest: dict[str, Line] = {}
+    for line in lines:
+        current = newest.get(line.section)
+        if current is None or (line.when or _EPOCH) > (current.when or _EPOCH):
+            newest[line.section] = line
+    return newest
 
 
-def _dated(when: datetime | None, b: _Builder) -> str:
-    """Return the date with its relative age against the builder's as-of date."""
-    return dated(when, b.as_of)
+def _term_weights(lines: list[Line], terms: set[str]) -> dict[str, float]:
+    """Weigh each term by how few lines hold it: a word on every line says little about any one."""
+    weights: dict[str, float] = {}
+    for term in terms:
+        df = sum(1 for line in lines if mentions(line.search, term))
+        if df:
+            weights[term] = 1 / math.sqrt(df)
+    return weights
 
 
-def _medication(resource: dict[str, Any], b: _Builder) -> tuple[datetime | None, str]:
-    med = concept_text(resource.get("medicationCodeableConcept"))
-    medication_tag = ""
-    if med is None:
-        reference = resource.get("medicationReference") or {}
-        medication = b.index.get(str(reference.get("reference", "")))
-        if medication is not None:
-            # the Medication resource was fetched (followed reference or _include): name it and cite it
-            med = concept_text(medication.get("code"))
-            medication_tag = f" {b.cite(medication)}"
-        med = med or reference.get("display") or "unnamed medication"
-    status = resource.get("status", "unknown")
-    when = parse_when(resource.get("authoredOn"))
-    dosage = ""
-    instructions = resource.get("dosageInstruction") or []
-    if instructions and isinstance(instructions[0], dict) and instructions[0].get("text"):
-        dosage = f"; {instructions[0]['text']}"
-    return when, f"{med}: {status}, ordered {_dated(when, b)}{dosage} {b.cite(resource)}{medication_tag}"
+def _candidates(
+    lines: list[Line], focus: QuestionFocus, question: str | None, renderer: Renderer, newest: dict[str, Line]
+) -> list[_Candidate]:
+    weights = _term_weights(lines, focus.terms)
+    asked = (question or "").lower()
+    named_sections = {spec.key for spec in SECTIONS if any(mentions(asked, word) for word in spec.words)}
+    newest_ids = {id(line) for key, line in newest.items() if key in ("encounters", "imaging")}
+    candidates = []
+    for line in lines:
+        spec = spec_of(line)
+        score = sum(weight for term, weight in weights.items() if mentions(line.search, term))
+        score += 5 * len(line.codes & focus.codes)
+        in_window = [item for item in line.items if focus.window.holds(item.when)] if focus.window else []
+        active = [item for item in line.items if item.active]
+        core = spec.core(line) or id(line) in newest_ids
+        if focus.window is not None:
+            wanted = in_window and (score > 0 or not named_sections or line.section in named_sections)
+            tier = 0 if wanted else 1 if score > 0 or core else 2
+        else:
+            tier = 0 if score > 0 else 1 if core else 2
+        rank = score + (2 if in_window else 0) + (0.5 if active and (focus.wants_current or score > 0) else 0)
+        featured = _featured(line, focus, score > 0, in_window, active)
+        candidates.append(_Candidate(line, tier, rank, _variants(line, featured, in_window, active, renderer)))
+    candidates.sort(key=lambda c: (c.tier, -c.rank, -(c.line.when or _EPOCH).timestamp()))
+    return candidates
 
 
-def _allergy(resource: dict[str, Any], b: _Builder) -> tuple[datetime | None, str]:
-    substance = concept_text(resource.get("code")) or "unnamed substance"
-    reactions = []
-    for reaction in resource.get("reaction") or []:
-        manifestation = first_concept_text(reaction.get("manifestation"))
-        if manifestation:
-            severity = reaction.get("severity")
-            reactions.append(f"{manifestation}{f' ({severity})' if severity else ''}")
-    status = _status(resource, "clinicalStatus") or "unknown status"
-    reaction_text = f", reaction: {', '.join(reactions)}" if reactions else ""
-    when = parse_when(resource.get("recordedDate"))
-    return when, f"{substance}: {status}{reaction_text} {b.cite(resource)}"
+def _featured(line: Line, focus: QuestionFocus, matched: bool, in_window: list[Item], active: list[Item]) -> list[Item]:
+    """Return the items a line shows: the newest, the current ones, those in the window, a trend's last three."""
+    chosen: list[Item] = [line.latest, *active, *in_window]
+    if line.section == "observations":
+        # a reading's meaning is in its change: the previous one always, the last three for a trend
+        chosen += line.items[1 : 3 if matched and focus.wants_trend else 2]
+    elif matched and focus.wants_trend:
+        chosen += line.items[1:3]
+    if matched and focus.wants_first and len(line.items) > 1:
+        chosen.append(line.items[-1])
+    unique = list({id(item): item for item in chosen}.values())
+    order = {id(item): number for number, item in enumerate(line.items)}
+    unique.sort(key=lambda item: order[id(item)])
+    # the newest comes first whatever else is shown: it is what the line's name describes
+    return unique
 
 
-def _observation_value(resource: dict[str, Any]) -> str | None:
-    value = quantity_text(resource.get("valueQuantity"))
-    if value is None and resource.get("valueCodeableConcept"):
-        value = concept_text(resource["valueCodeableConcept"])
-    if value is None and resource.get("valueString") is not None:
-        value = str(resource["valueString"])
-    if value is None and resource.get("component"):
-        parts = []
-        for component in resource["component"]:
-            part = quantity_text(component.get("valueQuantity"))
-            if part:
-                parts.append(f"{concept_text(component.get('code')) or '?'} {part}")
-        value = "; ".join(parts) or None
-    return value
+def _variants(
+    line: Line, featured: list[Item], in_window: list[Item], active: list[Item], renderer: Renderer
+) -> list[tuple[str, list[ResourceRef]]]:
+    """Return the line's renderings: with every featured item, then (if that is more) the newest alone."""
+    trend = line.section == "observations"
+    variants = []
+    renderer.refs = []
+    variants.append((render_line(line, featured, renderer, trend=trend), list(renderer.refs)))
+    if len(featured) > 1:
+        listed = {id(featured[0])}
+        wanted = [item for item in {id(i): i for i in [*active, *in_window]}.values() if id(item) not in listed]
+        note = f" ({len(wanted)} more matching not listed)" if wanted else ""
+        renderer.refs = []
+        variants.append((render_line(line, featured[:1], renderer, trend=trend, note=note), list(renderer.refs)))
+    return variants
 
 
-Series = list[tuple[datetime | None, dict[str, Any]]]
+def _admit(candidates: list[_Candidate], head: list[str], token_budget: int | None) -> None:
+    """Choose which lines (and which rendering of each) the context shows, within the budget.
+
+    Three passes, so breadth comes before depth: the lines the question points at, each as full
+    as fits; then every other line in its most compact form, in priority order (the flowsheet
+    and the active lists first); then, with what is left, those lines made fuller in the same
+    order (a previous reading, every active order).
+    """
+    budget = token_budget * CHARS_PER_TOKEN if token_budget is not None else None
+    shown_per_section: dict[str, int] = {}
+    # estimates (headings, count lines, the closing line); _render trims whatever they missed
+    spent = sum(len(line) + 1 for line in head) + _CLOSING_LINE
+
+    def fits(cost: int) -> bool:
+        return budget is None or spent + cost <= budget
+
+    def admit(candidate: _Candidate, numbers: Iterable[int]) -> None:
+        nonlocal spent
+        section = candidate.line.section
+        opened = section in shown_per_section
+        overhead = 0 if opened else len(spec_of(candidate.line).title) + _HEADING_EXTRA + _OMITTED_LINE
+        for number in numbers:
+            cost = len(candidate.variants[number][0]) + 3 + overhead
+            if fits(cost):
+                candidate.chosen = number
+                spent += cost
+                shown_per_section[section] = shown_per_section.get(section, 0) + 1
+                return
+
+    asked = [c for c in candidates if c.tier == 0]
+    rest = [c for c in candidates if c.tier > 0]
+    for candidate in asked:
+        admit(candidate, range(len(candidate.variants)))
+    for candidate in rest:
+        section = candidate.line.section
+        if candidate.tier == 2 and shown_per_section.get(section, 0) >= SECTION_LIMITS[section]:
+            continue
+        admit(candidate, [len(candidate.variants) - 1])
+    for candidate in rest:
+        if not candidate.chosen:
+            continue  # not shown, or already at its fullest
+        current = len(candidate.variants[candidate.chosen][0])
+        for number in range(candidate.chosen):
+            extra = len(candidate.variants[number][0]) - current
+            if fits(extra):
+                candidate.chosen = number
+                spent += extra
+                break
 
 
-def _observation_series(resources: list[dict[str, Any]]) -> list[Series]:
-    """Group observations by test code, newest first within each group."""
-    groups: dict[str, Series] = defaultdict(list)
-    for resource in resources:
-        key = concept_key(resource.get("code")) or resource["id"]
-        groups[key].append((parse_when(resource.get("effectiveDateTime") or resource.get("issued")), resource))
-    epoch = datetime.min.replace(tzinfo=UTC)
-    for series in groups.values():
-        series.sort(key=lambda item: item[0] or epoch, reverse=True)
-    return list(groups.values())
-
-
-def _observation_row(series: Series, b: _Builder) -> tuple[datetime | None, str]:
-    """Render a test's latest value with flag and range, the previous value and the trend."""
-    when, latest = series[0]
-    name = concept_text(latest.get("code")) or "unnamed observation"
-    value = _observation_value(latest) or "no value"
-    flag = first_concept_text(latest.get("interpretation"))
-    extras = ", ".join(x for x in (flag, range_text(latest.get("referenceRange"))) if x)
-    text = f"{name}: {value}{f' ({extras})' if extras else ''} on {_dated(when, b)} {b.cite(latest)}"
-    if len(series) > 1:
-        prev_when, previous = series[1]
-        prev_value = _observation_value(previous) or "no value"
-        text += f"; previous {prev_value} on {_dated(prev_when, b)} {b.cite(previous)}{_trend(latest, previous)}"
-        earlier = series[2:]
-        wanted: list[tuple[datetime | None, dict[str, Any]]] = [
-            (earlier_when, reading)
-            for earlier_when, reading in earlier
-            if earlier_when is not None and earlier_when.year in b.question_years
-        ]
-        if b.wants_first and earlier and earlier[-1] not in wanted:
-            wanted.append(earlier[-1])  # the earliest reading: a baseline question
-        for earlier_when, reading in wanted[:4]:
-            shown = _observation_value(reading) or "no value"
-            text += f"; {shown} on {_dated(earlier_when, b)} {b.cite(reading)}"
-        if len(earlier) > len(wanted[:4]):
-            text += f"; {len(earlier) - len(wanted[:4])} earlier"
-    return when, text
-
-
-_YEAR = re.compile(r"\b(19[5-9]\d|20\d\d)\b")
-_FIRST = re.compile(r"\b(first|baseline|initial|earliest|when .* (found|diagnosed|started))\b", re.IGNORECASE)
-
-
-def _question_time_hints(question: str | None) -> tuple[set[int], bool]:
-    """Return the years a question names and whether it asks for a first or baseline value."""
-    if not question:
-        return set(), False
-    return {int(year) for year in _YEAR.findall(question)}, _FIRST.search(question) is not None
-
-
-def _trend(latest: dict[str, Any], previous: dict[str, Any]) -> str:
-    a = (latest.get("valueQuantity") or {}).get("value")
-    b = (previous.get("valueQuantity") or {}).get("value")
-    if not isinstance(a, int | float) or not isinstance(b, int | float):
-        return ""
-    if a > b:
-        return ", rising"
-    if a < b:
-        return ", falling"
-    return ", unchanged"
-
-
-def _encounter(resource: dict[str, Any], b: _Builder) -> tuple[datetime | None, str]:
-    period = resource.get("period") or {}
-    when = parse_when(period.get("start"))
-    klass = resource.get("class")
-    class_text = (klass.get("display") or klass.get("code")) if isinstance(klass, dict) else None
-    kind = class_text or first_concept_text(resource.get("type")) or "encounter"
-    reason = first_concept_text(resource.get("reasonCode"))
-    reason_text = f", reason: {reason}" if reason else ""
-    return when, f"{_dated(when, b)} {kind}{reason_text} {b.cite(resource)}"
-
-
-def _report(resource: dict[str, Any], b: _Builder) -> tuple[datetime | None, str]:
-    when = parse_when(resource.get("effectiveDateTime") or resource.get("issued"))
-    name = concept_text(resource.get("code")) or "report"
-    conclusion = resource.get("conclusion")
-    # Report conclusions are free text written by people: fenced like notes.
-    body = f" conclusion: «{' '.join(str(conclusion).split())[:NOTE_CHARS]}»" if conclusion else ""
-    return when, f"{_dated(when, b)} {name} ({resource.get('status', '?')}){body} {b.cite(resource)}"
-
-
-def _imaging(resource: dict[str, Any], b: _Builder) -> tuple[datetime | None, str]:
-    when = parse_when(resource.get("started"))
-    modalities = sorted(
-        {
-            str(series.get("modality", {}).get("code"))
-            for series in resource.get("series") or []
-            if isinstance(series.get("modality"), dict)
-        }
-    )
-    description = resource.get("description") or "imaging study"
-    series_count = resource.get("numberOfSeries", len(resource.get("series") or []))
-    return when, (
-        f"{_dated(when, b)} {description} ({'/'.join(modalities) or '?'}, {series_count} series) {b.cite(resource)}"
-    )
-
-
-def _note(resource: dict[str, Any], b: _Builder) -> tuple[datetime | None, str]:
-    when = parse_when(resource.get("date"))
-    kind = concept_text(resource.get("type")) or "note"
-    texts = []
-    for number, content in enumerate(resource.get("content") or []):
-        text = attachment_text(content.get("attachment"), NOTE_CHARS)
-        if text is None:
-            text = b.attachment_texts.get(f"DocumentReference/{resource['id']}#{number}")
-            if text is not None and len(text) > NOTE_CHARS:
-                text = text[:NOTE_CHARS] + "…"
-        if text:
-            texts.append(text)
-    body = " ".join(texts) if texts else "(no inline text extracted)"
-    return when, f"{_dated(when, b)} {kind} {b.cite(resource)}: «{body}»"
+def _render(
+    candidates: list[_Candidate], head: list[str], focus: QuestionFocus
+) -> tuple[str, list[ResourceRef], dict[str, int]]:
+    """Write the sections in a fixed order, relevant lines first within each; count what is left out."""
+    reason = "less relevant to the question or older" if not focus.empty else "older"
+    out = list(head)
+    sources: list[ResourceRef] = []
+    omitted: dict[str, int] = {}
+    untouched: list[str] = []
+    for spec in SECTIONS:
+        mine = [c for c in candidates if c.line.section == spec.key]
+        if not mine:
+            continue
+        shown = [c for c in mine if c.chosen is not None]
+        items = sum(len(c.line.items) for c in mine)
+        left_out = len(mine) - len(shown)
+        if left_out:
+            omitted[spec.key] = left_out
+        if not shown:
+            untouched.append(f"{spec.title.split(' (')[0].lower()} ({items})")
+            continue
+        out.append(f"## {spec.title} ({items})")
+        for candidate in shown:
+            assert candidate.chosen is not None
+            text, refs = candidate.variants[candidate.chosen]
+            out.append(f"- {text}")
+            sources += refs
+        if left_out:
+            out.append(f"- … {left_out} more {spec.key.replace('_', ' ')} not shown ({reason})")
+        out.append("")
+    if untouched:
+        out.append(f"Also in the record, not shown ({reason}): {', '.join(untouched)}.")
+    return "\n".join(out).strip() + "\n", sources, omitted

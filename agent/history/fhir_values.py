@@ -110,6 +110,11 @@ def quantity_text(quantity: Any) -> str | None:
 def _number(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
+    if isinstance(value, float) and len(repr(value).partition(".")[2]) > 4:
+        # Machine precision (6.253360065445302 %) says nothing a reader needs and costs tokens:
+        # two decimals, or three significant digits below 1.
+        digits = 2 if abs(value) >= 1 else max(2, 2 - math.floor(math.log10(abs(value))))
+        return f"{value:.{digits}f}".rstrip("0").rstrip(".")
     return str(value)
 
 

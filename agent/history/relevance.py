@@ -2,8 +2,10 @@
 
 A deliberately small, transparent matcher: the question's words (lower-cased, plural 's'
 dropped) plus synonym groups (a question about heart failure also wants BNP, furosemide and
-ejection fraction). A row's relevance is how many of those terms its text contains. The
-model's plan (issue 5) will add its own terms through ``extra_terms``.
+ejection fraction; a lay "sugar control" wants HbA1c and glucose). The groups only widen what a
+question looks for, mostly for lay words: the context builder keeps a line for every series of
+the record whatever the question says, so recall at the default budget does not rest on them.
+The plan's terms come in through ``extra_terms``.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ SYNONYM_GROUPS: tuple[frozenset[str], ...] = tuple(
             "cardiomegaly",
             "effusion",
         },
-        {"kidney", "renal", "ckd", "creatinine", "egfr", "gfr", "urea", "bun", "potassium"},
-        {"diabetes", "diabetic", "glucose", "hba1c", "a1c", "hemoglobin a1c", "metformin", "insulin"},
+        {"kidney", "renal", "ckd", "creatinine", "egfr", "gfr", "glomerular", "urea", "bun", "potassium"},
+        {"diabetes", "diabetic", "glucose", "hba1c", "a1c", "hemoglobin a1c", "metformin", "insulin", "sugar"},
+        {"cholesterol", "lipid", "ldl", "hdl", "triglyceride", "statin", "low density", "high density"},
         {"blood pressure", "bp", "hypertension", "systolic", "diastolic", "lisinopril", "amlodipine"},
         {
             "lung",
@@ -127,8 +130,24 @@ _STOP = frozenset(
 _WORD = re.compile(r"[a-z0-9][a-z0-9\-]*")
 
 
+def singular(word: str) -> str:
+    """Return a plural English word in the singular (roughly: enough to match a record's words)."""
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"  # allergies -> allergy, surgeries -> surgery
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        return word[:-1]
+    return word
+
+
 def _words(text: str) -> list[str]:
-    return [word[:-1] if len(word) > 3 and word.endswith("s") else word for word in _WORD.findall(text.lower())]
+    """Return the words of a text, each as written and (if different) in the singular."""
+    words: list[str] = []
+    for word in _WORD.findall(text.lower()):
+        words.append(word)
+        singular_form = singular(word)
+        if singular_form != word:
+            words.append(singular_form)
+    return words
 
 
 def question_terms(question: str | None, extra_terms: Iterable[str] = ()) -> set[str]:
@@ -139,12 +158,13 @@ def question_terms(question: str | None, extra_terms: Iterable[str] = ()) -> set
     terms = {word for word in _words(text) if word not in _STOP and len(word) > 1}
     terms |= {term.lower() for term in extra_terms}
     for group in SYNONYM_GROUPS:
-        if any(_mentions(text, term) for term in group) or terms & group:
+        if any(mentions(text, term) for term in group) or terms & group:
             terms |= group
     return terms
 
 
-def _mentions(text: str, term: str) -> bool:
+def mentions(text: str, term: str) -> bool:
+    """Return whether ``text`` (lower-cased) contains ``term`` as a whole word or phrase."""
     # The substring test rejects almost every (row, term) pair at C speed; only the rest pay for
     # the whole-word regex. Relevance runs for every row of a long history, once per term.
     return term in text and _whole_word(term).search(text) is not None
@@ -160,4 +180,4 @@ def relevance(text: str, terms: set[str]) -> int:
     if not terms:
         return 0
     lowered = text.lower()
-    return sum(1 for term in terms if _mentions(lowered, term))
+    return sum(1 for term in terms if mentions(lowered, term))

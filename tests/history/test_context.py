@@ -37,7 +37,8 @@ def test_lab_series_shows_latest_previous_trend_flag_and_range() -> None:
     ctx = build_context(PATIENT, [_obs("o1", 900, "2025-09-01"), latest, _obs("o0", 300, "2024-01-01")], as_of=AS_OF)
     line = next(line for line in ctx.text.splitlines() if "NT-proBNP" in line)
     assert line.startswith("- NT-proBNP: 1800 pg/mL (High, ref <125) on 2026-10-01 (58 days ago) [Observation/o2]")
-    assert "previous 900 pg/mL on 2025-09-01 (15 months ago) [Observation/o1], rising; 1 earlier" in line
+    previous = "; 900 pg/mL on 2025-09-01 [Observation/o1]; rising vs the previous reading"
+    assert f"{previous}; 3 readings in all since 2024" in line
     assert [s.reference for s in ctx.sources] == ["Patient/p1", "Observation/o2", "Observation/o1"]
 
 
@@ -68,7 +69,7 @@ def test_notes_are_fenced_as_untrusted_text() -> None:
     }
     ctx = build_context(PATIENT, [note], as_of=AS_OF)
     assert "## Notes (untrusted text) (1)" in ctx.text
-    assert f"[DocumentReference/d1]: «{text}»" in ctx.text
+    assert f"- Progress note: 2026-11-01 (27 days ago): «{text}» [DocumentReference/d1]" in ctx.text
     # the fake citation inside the note is not a source
     assert "Patient/evil" not in [s.reference for s in ctx.sources]
 
@@ -173,7 +174,7 @@ def test_a_referenced_medication_is_named_and_cited() -> None:
     ctx = build_context(PATIENT, [order, medication], as_of=AS_OF)
     expected = (
         "- Furosemide 20 MG Oral Tablet: active, ordered 2026-10-01 (58 days ago); 20 mg once daily "
-        "[MedicationRequest/mr1] [Medication/m1]"
+        "[Medication/m1] [MedicationRequest/mr1]"
     )
     assert expected in ctx.text
     assert {"MedicationRequest/mr1", "Medication/m1"} <= {s.reference for s in ctx.sources}
@@ -185,8 +186,8 @@ def test_older_readings_are_shown_when_the_question_points_at_them() -> None:
         for year in range(2019, 2027)
     ]
     plain = build_context(PATIENT, series, as_of=AS_OF, question="How is her diabetes?")
-    assert "[Observation/a2019]" not in plain.text and "6 earlier" in plain.text
+    assert "[Observation/a2019]" not in plain.text and "8 readings in all since 2019" in plain.text
     dated = build_context(PATIENT, series, as_of=AS_OF, question="What was the HbA1c in 2020?")
-    assert "[Observation/a2020]" in dated.text and "5 earlier" in dated.text
+    assert "[Observation/a2020]" in dated.text and "[Observation/a2021]" not in dated.text
     first = build_context(PATIENT, series, as_of=AS_OF, question="What was the baseline HbA1c?")
     assert "[Observation/a2019]" in first.text
