@@ -221,11 +221,10 @@ def _candidates(
 def _featured(line: Line, focus: QuestionFocus, matched: bool, in_window: list[Item], active: list[Item]) -> list[Item]:
     """Return the items a line shows: the newest, the current ones, those in the window, a trend's last three."""
     chosen: list[Item] = [line.latest, *active, *in_window]
-    if line.section == "observations":
-        # a reading's meaning is in its change: the previous one always, the last three for a trend
+    if line.section == "observations" or matched:
+        # a reading's meaning is in its change (and a question about a series often compares):
+        # the previous item too, the last three for a trend
         chosen += line.items[1 : 3 if matched and focus.wants_trend else 2]
-    elif matched and focus.wants_trend:
-        chosen += line.items[1:3]
     if matched and focus.wants_first and len(line.items) > 1:
         chosen.append(line.items[-1])
     unique = list({id(item): item for item in chosen}.values())

@@ -722,6 +722,12 @@ def make_lines(resources: Iterable[Resource], renderer: Renderer) -> tuple[list[
         try:
             item = Item(resource, spec.when(resource), spec.active(resource))
             key = _series_key(spec, resource) if spec.series else f"{resource['resourceType']}/{resource['id']}"
+            # rendered once here, to a scratch renderer, so that a field of the wrong shape is
+            # found now, for this resource alone, and never while its whole line is written
+            scratch = Renderer(renderer.as_of, renderer.index, renderer.attachment_texts)
+            spec.name(resource, scratch), spec.describe(resource, scratch)
+            if spec.brief is not None:
+                spec.brief(resource, scratch)
         except (AttributeError, KeyError, TypeError, ValueError):
             unreadable.append(f"{resource.get('resourceType')}/{resource.get('id')}")
             continue
