@@ -61,6 +61,15 @@ class SourceUnavailableError(MedagentError):
     http_status = 502
 
 
+class StudyNotFoundError(SourceUnavailableError):
+    """The imaging source answered, but does not hold the study asked for (or has no instances of it).
+
+    A kind of :class:`SourceUnavailableError` (same code and exit code) so callers that treat
+    every source failure alike keep doing so; the imaging step tells it apart to say "not found"
+    rather than "unavailable".
+    """
+
+
 class InvalidResourceError(MedagentError):
     """A source returned data that is not what the protocol promises (bad JSON, not FHIR)."""
 

@@ -32,7 +32,13 @@ from agent.graph.image_analysis import (
     similar_cases,
     zero_shot_findings,
 )
-from agent.graph.imaging_fetch import VOLUME_MODALITIES, choose_studies, fetch_study_images, study_instance_uid
+from agent.graph.imaging_fetch import (
+    RUN_FAILURES,
+    VOLUME_MODALITIES,
+    choose_studies,
+    fetch_study_images,
+    study_instance_uid,
+)
 from agent.graph.limits import call_with_timeout
 from agent.graph.prompts import SYSTEM_PROMPT, build_user_prompt, format_earlier
 from agent.graph.record_fetch import fetch_records, of_types, url_attachment_texts
@@ -163,10 +169,16 @@ async def plan(state: AskState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     if given is not None:
         chosen = given
     elif _modes(ctx).planner == "model":
-        fetched = await fetch_records(ctx, state["patient"]["id"], types)
-        manifest = planning.build_manifest(fetched.resources, types)
-        chosen = await _model_plan(ctx, state["question"], manifest, types)
-        update["prefetched"] = fetched.resources
+        try:
+            fetched = await fetch_records(ctx, state["patient"]["id"], types)
+        except MedagentError as exc:
+            # No manifest to plan from: plan from the question; the fetch step tries again and warns.
+            ctx.recorder.event(NOTE, "manifest_unavailable", status="failed", meta={"error": exc.metadata_dict()})
+            chosen = planning.terms_plan(state["question"], types)
+        else:
+            manifest = planning.build_manifest(fetched.resources, types)
+            chosen = await _model_plan(ctx, state["question"], manifest, types)
+            update["prefetched"] = fetched.resources
     else:
         chosen = planning.terms_plan(state["question"], types)
     modes = _modes(ctx)._asdict()
@@ -260,7 +272,8 @@ async def fetch(state: AskState, runtime: Runtime[RunContext]) -> dict[str, Any]
     resources, missing = results["fetch_records"]
     update: dict[str, Any] = {"image_errors": [], "imaging_study": None, "prior_study": None}
     if "fetch_images" in results:
-        studies, current, prior, errors = results["fetch_images"]
+        studies, current, prior, errors, imaging_missing = results["fetch_images"]
+        missing = {**missing, **imaging_missing}
         resources = resources + [s for s in studies if s not in resources]
         update.update({"imaging_study": current, "prior_study": prior, "image_errors": errors})
     elif "ImagingStudy" in record_types:
@@ -274,7 +287,10 @@ async def fetch(state: AskState, runtime: Runtime[RunContext]) -> dict[str, Any]
         question=state["question"],
         token_budget=ctx.settings.models.context_token_budget,
         attachment_texts=await url_attachment_texts(ctx, resources),
+        plan_terms=chosen.codes,
     )
+    for reference in history.unreadable:
+        ctx.warn(f"{reference} is malformed and was left out of the record read", reason="unreadable_resource")
     ctx.recorder.event(
         NOTE,
         "context",
@@ -345,20 +361,47 @@ async def _history_step(
     if prefetched is not None:
         ctx.recorder.event(NOTE, "history_reused", meta={"types": types})
         return of_types(prefetched, types, all_types), {}
-    fetched = await fetch_records(ctx, patient_id, types)
+    try:
+        fetched = await fetch_records(ctx, patient_id, types)
+    except MedagentError as exc:
+        # Every type failed: the run still answers from the patient alone, and says so.
+        ctx.warn(f"the record could not be read ({exc.code}): the answer rests on no history", reason="history_failed")
+        return [], {kind: exc.code for kind in types}
     return fetched.resources, fetched.missing
 
 
 async def _imaging_step(
     ctx: RunContext, patient_id: str, chosen: Plan, prefetched: list[dict[str, Any]] | None, all_types: list[str]
-) -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, Any] | None, list[dict[str, Any]]]:
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, Any] | None, list[dict[str, Any]], dict[str, str]]:
+    """Find the patient's studies, choose the current one (and prior), and prepare their images.
+
+    Imaging never fails the run: a study search that fails, a study that cannot be located,
+    read or decoded becomes a warning (see :func:`fetch_study_images`) and the run answers
+    without it. Returns the studies (and resources read with them), the current and prior study,
+    the skipped instances, and the types that could not be read (``{"ImagingStudy": code}``).
+    """
+    missing: dict[str, str] = {}
+    extra: list[dict[str, Any]] = []
     if prefetched is not None:
         studies = [r for r in prefetched if r.get("resourceType") == "ImagingStudy"]
-        extra: list[dict[str, Any]] = []
     else:
-        fetched = await fetch_records(ctx, patient_id, ["ImagingStudy"], reference_rounds=0)
-        studies = [r for r in fetched.resources if r.get("resourceType") == "ImagingStudy"]
-        extra = [r for r in fetched.resources if r.get("resourceType") != "ImagingStudy"]
+        try:
+            fetched = await fetch_records(ctx, patient_id, ["ImagingStudy"], reference_rounds=0)
+        except RUN_FAILURES:
+            raise
+        except MedagentError as exc:
+            # The record half still answers; the context says ImagingStudy is missing. Worded
+            # like the record half's failed types (agent/graph/record_fetch.py).
+            missing["ImagingStudy"] = exc.code
+            ctx.warn(
+                f"ImagingStudy could not be fetched ({exc.code}): the answer does not reflect it",
+                reason="type_failed",
+                error=exc.metadata_dict(),
+            )
+            fetched = None
+        found = fetched.resources if fetched is not None else []
+        studies = [r for r in found if r.get("resourceType") == "ImagingStudy"]
+        extra = [r for r in found if r.get("resourceType") != "ImagingStudy"]
     current, prior = choose_studies(studies, chosen.studies, chosen.prior_study)
     errors: list[dict[str, Any]] = []
     if current is not None:
@@ -369,7 +412,7 @@ async def _imaging_step(
             errors += skipped
     elif chosen.prior_study or chosen.needs_images:
         ctx.recorder.event(NOTE, "no_study", meta={"wanted": chosen.studies})
-    return studies + extra, current, prior, errors
+    return studies + extra, current, prior, errors, missing
 
 
 def route_after_fetch(state: AskState) -> Literal["image_findings", "reason"]:

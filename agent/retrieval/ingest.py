@@ -28,13 +28,14 @@ from pydicom.errors import InvalidDicomError
 from agent.config import DicomSettings
 from agent.domain.events import AccessObserver
 from agent.domain.refs import InstanceRef
-from agent.errors import ConfigError, MedagentError, SourceUnavailableError
+from agent.errors import ConfigError, MedagentError, SourceUnavailableError, StudyNotFoundError
 from agent.inference.protocols import ModelIdentity
 from agent.retrieval.entries import IndexedModel, IndexEntry
 from agent.retrieval.protocols import ImageIndex
 from agent.sources.imaging_selection import choose_instances
 from agent.sources.pixels import prepare_instance
 from agent.sources.protocols import DicomSource, FhirSource
+from agent.sources.study_identity import study_identity, study_instance_uid
 
 log = logging.getLogger(__name__)
 
@@ -248,14 +249,18 @@ async def ingest_imaging_study(
     configured DICOM folder.
 
     Raises:
-        SourceUnavailableError: the ImagingStudy cannot be read or has no DICOM study UID.
+        SourceUnavailableError: the ImagingStudy cannot be read or names no DICOM study UID and
+            no series or instance UID to find it by.
+        StudyNotFoundError: the source holds none of the series or instances it lists.
     """
-    from agent.graph.nodes import study_instance_uid
     from agent.sources.dicomweb import DicomWebSource
     from agent.sources.factory import make_dicom_source
+    from agent.sources.study_location import locate_study_uid
 
     resource = await fhir.read("ImagingStudy", imaging_study_id)
-    uid = study_instance_uid(resource)
+    identity = study_identity(resource)
+    if not identity.locatable:
+        study_instance_uid(resource)  # raises, naming the study and the identifier forms read
     subject = (resource.get("subject") or {}).get("reference")
     patient_ref = str(subject) if isinstance(subject, str) and subject.startswith("Patient/") else None
     url = dicom_settings.dicomweb_url or await _endpoint_address(fhir, resource)
@@ -266,12 +271,18 @@ async def ingest_imaging_study(
     else:
         source = make_dicom_source(dicom_settings, observer)
     try:
+        located = await locate_study_uid(source, identity)
+        if located is None:
+            raise StudyNotFoundError(
+                f"{identity.reference}: none of its series or instances is in the imaging source",
+                details={"series_uids": list(identity.series_uids[:3])},
+            )
         return await ingest_dicom_source(
             source,
             embedder,
             index,
             dicomweb_url=url,
-            study_uid=uid,
+            study_uid=located.study_uid,
             per_study=dicom_settings.max_instances,
             patient_ref=patient_ref,
             imaging_study_ref=f"ImagingStudy/{resource.get('id', imaging_study_id)}",

@@ -1,7 +1,7 @@
 """The embedded imaging source: a folder of DICOM files, behind the DicomSource protocol.
 
 The graph's imaging step asks a :class:`~agent.sources.protocols.DicomSource` for the instances
-of the study the FHIR record names (an ImagingStudy's ``urn:dicom:uid`` identifier), picks a few
+of the study the FHIR record names (see :mod:`agent.sources.study_identity`), picks a few
 (:mod:`agent.sources.imaging_selection`), retrieves them here and hands them to pixel
 preparation (:mod:`agent.sources.pixels`). The same graph runs against DICOMweb in production.
 
@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 
 from agent.domain.events import AccessObserver, DicomRetrievalEvent
 from agent.domain.refs import InstanceRef, StudyRef
-from agent.errors import SourceUnavailableError
+from agent.errors import SourceUnavailableError, StudyNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,8 @@ class DicomDirSource:
         may have been added since), then fails.
 
         Raises:
-            SourceUnavailableError: the folder is missing, or the study is not in it.
+            StudyNotFoundError: the study is not in the folder (a kind of SourceUnavailableError).
+            SourceUnavailableError: the folder is missing.
         """
         started = time.perf_counter()
         error: str | None = None
@@ -222,7 +223,7 @@ class DicomDirSource:
             if study_uid not in studies:
                 studies = await self._index(refresh=True)
             if study_uid not in studies:
-                raise SourceUnavailableError(
+                raise StudyNotFoundError(
                     f"study {study_uid} not found in the DICOM folder",
                     details={"backend": BACKEND, "study_uid": study_uid},
                 )
@@ -241,6 +242,59 @@ class DicomDirSource:
                     error=error,
                 )
             )
+
+    async def find_study_uid(self, *, series_uid: str | None = None, sop_instance_uid: str | None = None) -> str | None:
+        """Return the StudyInstanceUID of the study holding a series or an instance (exactly one given).
+
+        Answered from the header index, like a QIDO-RS search; a miss triggers one rescan (files
+        may have been added since the first scan).
+
+        Returns:
+            The study's UID, or None when no indexed file is of that series or instance.
+
+        Raises:
+            ValueError: not exactly one of ``series_uid`` and ``sop_instance_uid`` is given.
+            SourceUnavailableError: the folder is missing.
+        """
+        if (series_uid is None) == (sop_instance_uid is None):
+            raise ValueError("give exactly one of series_uid and sop_instance_uid")
+        started = time.perf_counter()
+        error: str | None = None
+        found: str | None = None
+        try:
+            for refresh in (False, True):
+                studies = await self._index(refresh=refresh)
+                found = self._study_of(studies, series_uid, sop_instance_uid)
+                if found is not None:
+                    break
+            return found
+        except SourceUnavailableError as exc:
+            error = exc.message
+            raise
+        finally:
+            self.observer.dicom_retrieval(
+                DicomRetrievalEvent(
+                    backend=BACKEND,
+                    action="search",
+                    study_uid=found,
+                    series_uid=series_uid,
+                    sop_instance_uid=sop_instance_uid,
+                    duration_ms=(time.perf_counter() - started) * 1000.0,
+                    error=error,
+                )
+            )
+
+    def _study_of(
+        self, studies: dict[str, list[_Entry]], series_uid: str | None, sop_instance_uid: str | None
+    ) -> str | None:
+        """Return the study UID of an indexed series or instance, or None."""
+        if sop_instance_uid is not None:
+            entry = self._by_sop.get(sop_instance_uid)
+            return entry.ref.study_uid if entry is not None else None
+        return next(
+            (uid for uid, entries in studies.items() if any(e.ref.series_uid == series_uid for e in entries)),
+            None,
+        )
 
     async def retrieve(self, ref: InstanceRef) -> Dataset:
         """Read one instance in full (pixel data not decoded).

@@ -33,7 +33,7 @@ from pydicom.errors import InvalidDicomError
 from agent.config import DicomSettings
 from agent.domain.events import AccessObserver, DicomRetrievalEvent
 from agent.domain.refs import InstanceRef, StudyRef
-from agent.errors import InvalidResourceError, SourceUnavailableError
+from agent.errors import InvalidResourceError, SourceUnavailableError, StudyNotFoundError
 from agent.sources.http_auth import client_kwargs, http_auth
 from agent.sources.http_clients import async_client, loads_json
 
@@ -364,15 +364,15 @@ class DicomWebSource:
         would carry the same attributes but costs a full header per instance, so it is not used.
 
         Raises:
-            SourceUnavailableError: server unreachable, authentication failed, an error answer,
-                or the study is not found (404, 204 or an empty list).
+            StudyNotFoundError: the study is not found (404, 204 or an empty list).
+            SourceUnavailableError: server unreachable, authentication failed or an error answer.
             InvalidResourceError: the UID is malformed or the answer is not DICOM JSON.
         """
         _check_uid(study_uid, "study")
         params = [("includefield", tag) for tag in _INCLUDE_FIELDS]
         url = f"{self.base_url}/studies/{study_uid}/instances"
         event = _EventDraft("search", study_uid, None, None)
-        items = await self._qido(url, params, event, empty_means=f"study {study_uid}")
+        items = await self._qido(url, params, event, empty_means=f"study {study_uid}", not_found=StudyNotFoundError)
 
         refs: list[InstanceRef] = []
         for item in items:
@@ -409,6 +409,40 @@ class DicomWebSource:
             ]
         refs.sort(key=lambda r: (r.series_uid, r.instance_number is None, r.instance_number or 0))
         return refs
+
+    async def find_study_uid(self, *, series_uid: str | None = None, sop_instance_uid: str | None = None) -> str | None:
+        """Return the StudyInstanceUID of the study holding a series or an instance (exactly one given).
+
+        One QIDO-RS search across all studies: ``/series?SeriesInstanceUID=...`` or
+        ``/instances?SOPInstanceUID=...``, asking for StudyInstanceUID (0020000D) explicitly, since
+        servers differ on which study attributes a series- or instance-level answer carries.
+
+        Returns:
+            The study's UID, or None when nothing matches.
+
+        Raises:
+            ValueError: not exactly one of ``series_uid`` and ``sop_instance_uid`` is given.
+            SourceUnavailableError: server unreachable, authentication failed or an error answer.
+            InvalidResourceError: a malformed UID, or the answer is not DICOM JSON.
+        """
+        if (series_uid is None) == (sop_instance_uid is None):
+            raise ValueError("give exactly one of series_uid and sop_instance_uid")
+        if series_uid is not None:
+            _check_uid(series_uid, "series")
+            url, params = f"{self.base_url}/series", [(TAG_SERIES_UID, series_uid)]
+        else:
+            assert sop_instance_uid is not None
+            _check_uid(sop_instance_uid, "instance")
+            url, params = f"{self.base_url}/instances", [(TAG_SOP_INSTANCE_UID, sop_instance_uid)]
+        params.append(("includefield", TAG_STUDY_UID))
+        event = _EventDraft("search", None, series_uid, sop_instance_uid)
+        items = await self._qido(url, params, event, empty_means=None)
+        for item in items:
+            uid = _first_value(item, TAG_STUDY_UID)
+            # The answer goes into later URL paths: a malformed UID is skipped, not followed.
+            if isinstance(uid, str) and _UID.match(uid) and len(uid) <= 64:
+                return uid
+        return None
 
     async def retrieve(self, ref: InstanceRef) -> Dataset:
         """Return one instance as stored (pixel data not decoded), via WADO-RS.
@@ -636,6 +670,7 @@ class DicomWebSource:
         event: _EventDraft,
         *,
         empty_means: str | None,
+        not_found: type[SourceUnavailableError] = SourceUnavailableError,
     ) -> list[dict[str, Any]]:
         """Run one DICOM JSON request (QIDO-RS search or WADO-RS metadata) and return its items.
 
@@ -645,6 +680,7 @@ class DicomWebSource:
             event: the access being recorded.
             empty_means: what is "not found" when the answer is empty (404, 204 or ``[]``), e.g.
                 ``"study 1.2.3"``; None when an empty answer is a valid result (a search).
+            not_found: the error raised for "not found" (a study's: :class:`StudyNotFoundError`).
         """
         response = await self._get(url, params, DICOM_JSON, event)
         status = response.status_code
@@ -658,9 +694,9 @@ class DicomWebSource:
                 message = (
                     f"DICOMweb server {self.base_url} answered HTTP 404 to a search (is the URL its DICOMweb root?)"
                 )
-            else:
-                message = f"{empty_means} not found on {self.base_url}"
-            self._fail(event, status, SourceUnavailableError(message, details={"status": status}))
+                self._fail(event, status, SourceUnavailableError(message, details={"status": status}))
+            message = f"{empty_means} not found on {self.base_url}"
+            self._fail(event, status, not_found(message, details={"status": status}))
         try:
             items = loads_json(response.content)
         except ValueError as exc:
@@ -678,9 +714,7 @@ class DicomWebSource:
             )
         if not items and empty_means is not None:
             self._fail(
-                event,
-                status,
-                SourceUnavailableError(f"{empty_means} not found on {self.base_url}", details={"status": status}),
+                event, status, not_found(f"{empty_means} not found on {self.base_url}", details={"status": status})
             )
         event.bytes = len(response.content)
         self._emit(event, status, None)

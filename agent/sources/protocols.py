@@ -77,7 +77,23 @@ class DicomSource(Protocol):
         """Return the instances of a study (with modality and view position when known).
 
         Raises:
-            SourceUnavailableError: server unreachable or error; or the study is not found.
+            StudyNotFoundError: the study is not found (a kind of SourceUnavailableError).
+            SourceUnavailableError: server unreachable or error.
+        """
+        ...
+
+    async def find_study_uid(self, *, series_uid: str | None = None, sop_instance_uid: str | None = None) -> str | None:
+        """Return the StudyInstanceUID of the study holding a series or an instance (exactly one given).
+
+        For ImagingStudy resources that name no study UID but list their series or instances.
+
+        Returns:
+            The study's UID, or None when the source holds no such series or instance.
+
+        Raises:
+            ValueError: not exactly one of the two is given.
+            SourceUnavailableError: server unreachable or error.
+            InvalidResourceError: a malformed UID.
         """
         ...
 

@@ -7,6 +7,10 @@ with connection type ``dicom-wado-rs`` and the DICOMweb root in ``address``: tha
 a hospital's FHIR server fronts several archives. Without a usable Endpoint the configured source
 (``settings.dicom``) is used.
 
+Which study: :func:`locate_study_uid` turns an ImagingStudy's identity
+(:mod:`agent.sources.study_identity`) into a Study Instance UID the source holds, asking the
+source for the study of a listed series or instance when no identifier names the study.
+
 Credentials: the configured DICOMweb user, password or bearer token go only to the configured
 server's origin (scheme, host and port). An Endpoint elsewhere is contacted without credentials,
 so a record cannot make medagent hand its PACS password to another host; Endpoint ``header``
@@ -18,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 from urllib.parse import urlsplit
 
 from agent.config import DicomSettings
@@ -27,12 +31,54 @@ from agent.errors import MedagentError
 from agent.sources.dicomweb import DicomWebSource
 from agent.sources.http_auth import client_kwargs
 from agent.sources.protocols import DicomSource, FhirSource
+from agent.sources.study_identity import StudyIdentity
 
 log = logging.getLogger(__name__)
 
 ENDPOINT_CONNECTION_TYPE_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
 WADO_RS: Final = "dicom-wado-rs"
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+#: Most series, then instances, asked about when locating a study by its contents: a study's
+#: first few listed UIDs either are in the source or the study is not, and an ImagingStudy can
+#: list thousands of instances (a request each).
+MAX_LOCATE_LOOKUPS: Final = 3
+
+
+class LocatedStudy(NamedTuple):
+    """A Study Instance UID and how it was found (``identifier``, ``series <uid>``, ``instance <uid>``)."""
+
+    study_uid: str
+    via: str
+
+
+async def locate_study_uid(
+    source: DicomSource, identity: StudyIdentity, *, max_lookups: int = MAX_LOCATE_LOOKUPS
+) -> LocatedStudy | None:
+    """Return the Study Instance UID of an ImagingStudy, asking the source when no identifier gives it.
+
+    An identifier's UID is taken as is (whether the source holds it shows when its instances are
+    listed). Otherwise the listed series are looked up, then the listed instances, at most
+    ``max_lookups`` of each, stopping at the first found.
+
+    Returns:
+        The UID and how it was found, or None when nothing names it or the source holds none of
+        the listed series and instances.
+
+    Raises:
+        SourceUnavailableError: the source is unreachable or answered an error.
+        InvalidResourceError: the source's answer is not what the protocol promises.
+    """
+    if identity.study_uid is not None:
+        return LocatedStudy(identity.study_uid, "identifier")
+    for series_uid in identity.series_uids[:max_lookups]:
+        found = await source.find_study_uid(series_uid=series_uid)
+        if found is not None:
+            return LocatedStudy(found, f"series {series_uid}")
+    for sop_uid in identity.instance_uids[:max_lookups]:
+        found = await source.find_study_uid(sop_instance_uid=sop_uid)
+        if found is not None:
+            return LocatedStudy(found, f"instance {sop_uid}")
+    return None
 
 
 def origin(url: str) -> tuple[str, str, int] | None:

@@ -150,7 +150,9 @@ def test_cli_errors_are_clear_non_zero_and_traced(
         cwd=tmp_path,
         env=bad_auth,
     )
-    assert denied.returncode == 4 and "authentication" in denied.stderr.lower()
+    # Imaging degrades, it does not end the run: the answer comes without images, with a warning.
+    assert denied.returncode == 0, denied.stderr
+    assert "warning: ImagingStudy/" in denied.stderr and "authentication failed" in denied.stderr.lower()
 
 
 @pytest.mark.slow
