@@ -454,12 +454,77 @@ def _rewrite_urn_references(node: Any, placeholders: dict[str, str]) -> Any:
     return node
 
 
+def _fhir_post(client: httpx.Client, base_url: str, bundle: dict[str, Any], source: Path) -> list[dict[str, Any]]:
+    """Send one batch/transaction Bundle; return its response entries, all of them 2xx.
+
+    Raises:
+        ServerError: the server refused the bundle or any entry in it.
+    """
+    response = client.post(
+        base_url.rstrip("/") + "/",
+        json=bundle,
+        headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
+    )
+    if response.status_code >= 300:
+        raise ServerError(
+            f"loading {source} into {base_url} failed: HTTP {response.status_code}: {response.text[:1000]}"
+        )
+    answered: list[dict[str, Any]] = [e for e in response.json().get("entry") or [] if isinstance(e, dict)]
+    for index, entry in enumerate(answered):
+        status = str((entry.get("response") or {}).get("status", ""))
+        if not status.startswith("2"):
+            raise ServerError(f"loading {source}: entry {index} answered {status!r}: {entry}")
+    return answered
+
+
+def _entry_id(entry: dict[str, Any]) -> str | None:
+    """Return the id a bundle entry's resource has, or that its ``urn:uuid:`` fullUrl gives it.
+
+    The same rule the bundle folder source (``agent/sources/fhir_bundle_dir.py``) applies, so a
+    loaded server and the folder name every resource alike.
+    """
+    resource = entry.get("resource")
+    rid = resource.get("id") if isinstance(resource, dict) else None
+    if isinstance(rid, str) and rid:
+        return rid
+    full_url = entry.get("fullUrl")
+    if isinstance(full_url, str) and full_url.startswith(_URN_UUID):
+        return full_url.removeprefix(_URN_UUID)
+    return None
+
+
+def _keeping_id(entry: dict[str, Any]) -> dict[str, Any]:
+    """Return a transaction entry, its plain ``POST Type`` turned into ``PUT Type/<id>`` when the id is known."""
+    raw_request = entry.get("request")
+    request: dict[str, Any] = raw_request if isinstance(raw_request, dict) else {}
+    resource = entry.get("resource")
+    rid = _entry_id(entry)
+    if not isinstance(resource, dict) or not rid:
+        return entry
+    rtype = resource.get("resourceType")
+    plain_create = (
+        str(request.get("method", "")).upper() == "POST"
+        and request.get("url") == rtype
+        and not request.get("ifNoneExist")
+    )
+    if not plain_create:
+        return entry
+    return {**entry, "resource": {**resource, "id": rid}, "request": {"method": "PUT", "url": f"{rtype}/{rid}"}}
+
+
 def _as_transaction_entries(data: dict[str, Any], source: Path) -> list[dict[str, Any]]:
-    """Return PUT/POST entries for a bundle of any type or a single resource."""
+    """Return PUT/POST entries for a bundle of any type or a single resource.
+
+    Entries of a transaction or batch keep their request, except that a plain ``POST Type`` whose
+    resource has an id (in the resource, or as the uuid of a ``urn:uuid:`` fullUrl, as Synthea
+    writes them) becomes ``PUT Type/<id>``: a server assigns new ids on POST, so the loaded record
+    would no longer match the same bundle read from a folder. Conditional creates (``ifNoneExist``)
+    are left as they are; :func:`load_fhir_bundles` resolves them first.
+    """
     if data.get("resourceType") != "Bundle":
         items = [{"resource": data}]
     elif data.get("type") in ("transaction", "batch"):
-        return [e for e in data.get("entry") or [] if isinstance(e, dict)]
+        return [_keeping_id(e) for e in data.get("entry") or [] if isinstance(e, dict)]
     else:
         items = [e for e in data.get("entry") or [] if isinstance(e, dict) and "resource" in e]
     entries = []
@@ -477,6 +542,85 @@ def _as_transaction_entries(data: dict[str, Any], source: Path) -> list[dict[str
     return entries
 
 
+def _is_conditional_create(entry: dict[str, Any]) -> bool:
+    request = entry.get("request") or {}
+    return str(request.get("method", "")).upper() == "POST" and bool(request.get("ifNoneExist"))
+
+
+def _resolve_conditional_creates(
+    client: httpx.Client, base_url: str, entries: list[dict[str, Any]], source: Path
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Resolve ``POST`` + ``ifNoneExist`` entries before the rest of their bundle is sent.
+
+    The engine runs a transaction holding a conditional create under strict isolation and then
+    refuses more than 8 entries, and a matched conditional create points its fullUrl at a
+    resource whose id only the server knows. So each one is resolved here, in bundle order: an
+    existing match (exactly one) is reused and the entry dropped; with no match the entry becomes a
+    ``PUT`` under its own id (kept, as for plain creates), or, without an id, is created on its
+    own so the server's id can be read back. A second entry with the same criteria reuses the
+    first one's resource, as it would inside one transaction. A reused match is the one case where
+    the server and a bundle folder name a resource differently: the folder keeps the bundle's copy.
+
+    Returns:
+        The entries left to send, and ``fullUrl -> Type/id`` for every resolved entry that has one.
+
+    Raises:
+        ServerError: a search for the criteria failed or matched more than one resource (HTTP 412
+            in FHIR's terms), or the server refused a create.
+    """
+    remaining: list[dict[str, Any]] = []
+    resolved: dict[str, str] = {}
+    by_criteria: dict[tuple[str, str], str] = {}
+    for entry in entries:
+        if not _is_conditional_create(entry):
+            remaining.append(entry)
+            continue
+        request = entry["request"]
+        rtype, criteria = str(request["url"]), str(request["ifNoneExist"])
+        full_url = entry.get("fullUrl")
+        reference = by_criteria.get((rtype, criteria))
+        if reference is None:
+            response = client.get(
+                f"{base_url.rstrip('/')}/{rtype}?{criteria}", headers={"Accept": "application/fhir+json"}
+            )
+            if response.status_code != 200:
+                raise ServerError(
+                    f"loading {source}: search {rtype}?{criteria} for a conditional create answered "
+                    f"HTTP {response.status_code}: {response.text[:500]}"
+                )
+            matches = [e["resource"] for e in response.json().get("entry") or [] if isinstance(e.get("resource"), dict)]
+            if len(matches) > 1:
+                raise ServerError(
+                    f"loading {source}: conditional create {rtype}?{criteria} matches {len(matches)} resources"
+                )
+            rid = _entry_id(entry)
+            if matches:
+                reference = f"{rtype}/{matches[0]['id']}"
+            elif rid:
+                reference = f"{rtype}/{rid}"
+                remaining.append(
+                    {
+                        **entry,
+                        "resource": {**entry["resource"], "id": rid},
+                        "request": {"method": "PUT", "url": reference},
+                    }
+                )
+            else:
+                answered = _fhir_post(
+                    client, base_url, {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}, source
+                )
+                location = str((answered[0].get("response") or {}).get("location", "")) if answered else ""
+                # Location is Type/id[/_history/v], possibly absolute.
+                parts = location.split("/_history/")[0].rstrip("/").split("/")
+                if len(parts) < 2:
+                    raise ServerError(f"loading {source}: no location for the created {rtype}: {answered}")
+                reference = f"{parts[-2]}/{parts[-1]}"
+            by_criteria[(rtype, criteria)] = reference
+        if isinstance(full_url, str) and full_url:
+            resolved[full_url] = reference
+    return remaining, resolved
+
+
 def _chunks(entries: list[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
     for start in range(0, len(entries), size):
         yield entries[start : start + size]
@@ -491,11 +635,19 @@ def load_fhir_bundles(
 ) -> int:
     """POST each bundle file to the server's base as a transaction; return the entries loaded.
 
-    Fixture bundles are transactions whose entries ``PUT`` to ``Type/<uuid>``, so the server keeps
-    the ids (Medplum accepts update-as-create). Other bundle types and single resources are
-    turned into the same kind of transaction. Medplum refuses transactions with more than
-    50 update entries, so a larger bundle is sent in chunks; ``urn:uuid:`` references are first
-    rewritten to ``Type/id`` so they still resolve across chunks.
+    Resource ids are kept, so the server holds the same ``Type/id`` the bundle folder source
+    (``agent/sources/fhir_bundle_dir.py``) reads from the same files:
+
+    - fixture bundles are transactions whose entries ``PUT`` to ``Type/<uuid>`` (Medplum accepts
+      update-as-create); other bundle types and single resources become such a transaction;
+    - a transaction's plain ``POST`` entries (Synthea's form: ``fullUrl: urn:uuid:<id>``, the
+      resource's id equal to it) are sent as ``PUT Type/<id>`` instead;
+    - conditional creates (``ifNoneExist``) are resolved first (see
+      :func:`_resolve_conditional_creates`).
+
+    ``urn:uuid:`` references are rewritten to ``Type/id``, which keeps them resolving when a
+    bundle is split: Medplum refuses transactions with more than 50 update entries, so a larger
+    bundle is sent in chunks. Each chunk is all-or-nothing; a failure leaves earlier chunks loaded.
 
     Raises:
         ServerError: a file is not JSON, or the server refused a bundle or an entry.
@@ -508,35 +660,21 @@ def load_fhir_bundles(
             except (OSError, ValueError) as exc:
                 raise ServerError(f"cannot read FHIR file {path}: {exc}") from exc
             entries = _as_transaction_entries(data, Path(path))
-            if not entries:
-                continue
-            if len(entries) > MEDPLUM_MAX_TRANSACTION_UPDATES:
-                placeholders = {
-                    e["fullUrl"]: e["request"]["url"]
-                    for e in entries
-                    if str(e.get("fullUrl", "")).startswith(_URN_UUID)
-                    and "/" in str(e.get("request", {}).get("url", ""))
-                    and "?" not in str(e.get("request", {}).get("url", ""))
-                }
+            planned = len(entries)
+            entries, placeholders = _resolve_conditional_creates(client, base_url, entries, Path(path))
+            # Conditional creates matched to an existing resource, or created on their own.
+            loaded += planned - len(entries)
+            for entry in entries:
+                url = str((entry.get("request") or {}).get("url", ""))
+                full_url = str(entry.get("fullUrl", ""))
+                if full_url.startswith(_URN_UUID) and "/" in url and "?" not in url:
+                    placeholders[full_url] = url
+            if placeholders:
                 entries = [_rewrite_urn_references(e, placeholders) for e in entries]
-                chunks = list(_chunks(entries, MEDPLUM_MAX_TRANSACTION_UPDATES))
-            else:
-                chunks = [entries]
-            for chunk in chunks:
-                bundle = {"resourceType": "Bundle", "type": "transaction", "entry": chunk}
-                response = client.post(
-                    base_url.rstrip("/") + "/",
-                    json=bundle,
-                    headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
+            for chunk in _chunks(entries, MEDPLUM_MAX_TRANSACTION_UPDATES):
+                _fhir_post(
+                    client, base_url, {"resourceType": "Bundle", "type": "transaction", "entry": chunk}, Path(path)
                 )
-                if response.status_code >= 300:
-                    raise ServerError(
-                        f"loading {path} into {base_url} failed: HTTP {response.status_code}: {response.text[:1000]}"
-                    )
-                for index, entry in enumerate(response.json().get("entry") or []):
-                    status = str((entry.get("response") or {}).get("status", ""))
-                    if not status.startswith("2"):
-                        raise ServerError(f"loading {path}: entry {index} answered {status!r}: {entry}")
                 loaded += len(chunk)
     return loaded
 

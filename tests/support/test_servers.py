@@ -201,6 +201,117 @@ def test_load_fhir_bundles_splits_large_transactions(fhir_server: FhirServerHand
     assert found["total"] == 59
 
 
+def test_load_fhir_bundles_keeps_the_ids_of_posted_entries(fhir_server: FhirServerHandle, tmp_path: Path) -> None:
+    # Synthea's form: every entry is `POST Type` with `fullUrl: urn:uuid:<id>`; one resource here
+    # carries no id of its own, so the fullUrl's uuid is its id (as the bundle folder source reads it).
+    patient_id = str(uuid.uuid4())
+    entries = [
+        {
+            "fullUrl": f"urn:uuid:{patient_id}",
+            "resource": {"resourceType": "Patient", "id": patient_id},
+            "request": {"method": "POST", "url": "Patient"},
+        }
+    ]
+    ids = []
+    for n in range(70):  # above the 50-update limit: chunked, linked only by urn:uuid references
+        oid = str(uuid.uuid4())
+        ids.append(oid)
+        resource = {
+            "resourceType": "Observation",
+            "status": "final",
+            "code": {"text": "heart rate"},
+            "subject": {"reference": f"urn:uuid:{patient_id}"},
+        }
+        if n:
+            resource["id"] = oid
+        entries.append(
+            {"fullUrl": f"urn:uuid:{oid}", "resource": resource, "request": {"method": "POST", "url": "Observation"}}
+        )
+    path = tmp_path / "synthea-like.json"
+    path.write_text(json.dumps({"resourceType": "Bundle", "type": "transaction", "entry": entries}))
+
+    assert load_fhir_bundles(fhir_server.base_url, [path]) == 71
+    assert httpx.get(f"{fhir_server.base_url}/Patient/{patient_id}").status_code == 200
+    found = httpx.get(
+        f"{fhir_server.base_url}/Observation", params={"subject": f"Patient/{patient_id}", "_count": "100"}
+    ).json()
+    assert {e["resource"]["id"] for e in found["entry"]} == set(ids)
+    # Loading the same bundle again updates in place instead of adding copies.
+    assert load_fhir_bundles(fhir_server.base_url, [path]) == 71
+    again = httpx.get(f"{fhir_server.base_url}/Observation", params={"subject": f"Patient/{patient_id}"}).json()
+    assert again["total"] == 70
+
+
+def test_load_fhir_bundles_resolves_conditional_creates(fhir_server: FhirServerHandle, tmp_path: Path) -> None:
+    base = fhir_server.base_url
+    npi_system = "http://hl7.org/fhir/sid/us-npi"
+    existing_org, org_value, new_value, other_value = str(uuid.uuid4()), *(uuid.uuid4().hex for _ in range(3))
+    org = {
+        "resourceType": "Organization",
+        "id": existing_org,
+        "identifier": [{"system": npi_system, "value": org_value}],
+    }
+    assert httpx.put(f"{base}/Organization/{existing_org}", json=org).status_code in (200, 201)
+
+    bundle_org, practitioner_id, nameless_id, encounter_id = (str(uuid.uuid4()) for _ in range(4))
+    entries = [
+        {  # matches the Organization already on the server: reused, not created again
+            "fullUrl": f"urn:uuid:{bundle_org}",
+            "resource": {**org, "id": bundle_org},
+            "request": {"method": "POST", "url": "Organization", "ifNoneExist": f"identifier={npi_system}|{org_value}"},
+        },
+        {  # new: stored under its own id
+            "fullUrl": f"urn:uuid:{practitioner_id}",
+            "resource": {
+                "resourceType": "Practitioner",
+                "id": practitioner_id,
+                "identifier": [{"system": npi_system, "value": new_value}],
+            },
+            "request": {"method": "POST", "url": "Practitioner", "ifNoneExist": f"identifier={npi_system}|{new_value}"},
+        },
+        {  # same criteria again in one bundle: the first one's resource
+            "fullUrl": f"urn:uuid:{nameless_id}",
+            "resource": {"resourceType": "Practitioner", "identifier": [{"system": npi_system, "value": new_value}]},
+            "request": {"method": "POST", "url": "Practitioner", "ifNoneExist": f"identifier={npi_system}|{new_value}"},
+        },
+        {  # no id anywhere: the server names it
+            "resource": {"resourceType": "Practitioner", "identifier": [{"system": npi_system, "value": other_value}]},
+            "request": {
+                "method": "POST",
+                "url": "Practitioner",
+                "ifNoneExist": f"identifier={npi_system}|{other_value}",
+            },
+        },
+        {
+            "fullUrl": f"urn:uuid:{encounter_id}",
+            "resource": {
+                "resourceType": "Encounter",
+                "id": encounter_id,
+                "status": "finished",
+                "class": {"code": "AMB"},
+                "serviceProvider": {"reference": f"urn:uuid:{bundle_org}"},
+                "participant": [
+                    {"individual": {"reference": f"urn:uuid:{practitioner_id}"}},
+                    {"individual": {"reference": f"urn:uuid:{nameless_id}"}},
+                ],
+            },
+            "request": {"method": "POST", "url": "Encounter"},
+        },
+    ]
+    path = tmp_path / "conditional.json"
+    path.write_text(json.dumps({"resourceType": "Bundle", "type": "transaction", "entry": entries}))
+
+    assert load_fhir_bundles(base, [path]) == 5
+    encounter = httpx.get(f"{base}/Encounter/{encounter_id}").json()
+    assert encounter["serviceProvider"]["reference"] == f"Organization/{existing_org}"
+    assert [p["individual"]["reference"] for p in encounter["participant"]] == [f"Practitioner/{practitioner_id}"] * 2
+    assert httpx.get(f"{base}/Organization/{bundle_org}").status_code == 404
+    practitioners = httpx.get(f"{base}/Practitioner", params={"identifier": f"{npi_system}|{new_value}"}).json()
+    assert [e["resource"]["id"] for e in practitioners["entry"]] == [practitioner_id]
+    named = httpx.get(f"{base}/Practitioner", params={"identifier": f"{npi_system}|{other_value}"}).json()
+    assert named["total"] == 1
+
+
 def test_fhir_server_stop_ends_exactly_its_process(fhir_server: FhirServerHandle, tmp_path: Path) -> None:
     # A second server of our own (the session one must keep running); fhir_server proves node is here.
     handle = start_fhir_server(tmp_path)
