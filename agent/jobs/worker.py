@@ -38,7 +38,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from agent.audit.reader import load_run
+from agent.audit.reader import RunTrace, load_run
+from agent.audit.recorder import NOTE
 from agent.audit.replay import replay
 from agent.audit.tables import utcnow
 from agent.domain.answer import Citation
@@ -95,6 +96,9 @@ class JobSummary(BaseModel):
     citations: list[Citation] = Field(default_factory=list)
     models: dict[str, str] = Field(default_factory=dict, description="Role -> model id used for the run")
     readable: bool = Field(True, description="False when the trace content could not be read (no key)")
+    warnings: list[str] = Field(
+        default_factory=list, description="What the run could not read and went on without (its trace's warnings)"
+    )
 
 
 def load_summary(runtime: AgentRuntime, run_id: str) -> JobSummary:
@@ -104,14 +108,28 @@ def load_summary(runtime: AgentRuntime, run_id: str) -> JobSummary:
         RunNotFoundError: no such run.
         AuditError: the trace cannot be read.
     """
-    replayed = replay(load_run(runtime.engine, run_id, include_content=True, cipher=runtime.cipher))
+    trace = load_run(runtime.engine, run_id, include_content=True, cipher=runtime.cipher)
+    replayed = replay(trace)
     return JobSummary(
         run_id=run_id,
         summary=replayed.answer,
         citations=replayed.citations,
         models=replayed.models,
         readable=replayed.answer_source not in ("unavailable",),
+        warnings=run_warnings(trace),
     )
+
+
+def run_warnings(trace: RunTrace) -> list[str]:
+    """Return the warnings a run recorded (``warning`` notes: metadata, never clinical text), in order."""
+    return [str(e.meta.get("message")) for e in trace.events if e.kind == NOTE and e.name == "warning"]
+
+
+def with_warnings(text: str, warnings: list[str]) -> str:
+    """Return a summary's text with what its run could not read, so the record's copy says it too."""
+    if not warnings:
+        return text
+    return text.rstrip() + "\n\nNot read for this summary:\n" + "\n".join(f"- {warning}" for warning in warnings)
 
 
 def is_permanent(error: MedagentError) -> bool:
@@ -267,7 +285,11 @@ class JobExecutor:
                     f"the run ended {result.status} without a summary", details={"run_id": result.run_id}
                 )
             summary = JobSummary(
-                run_id=result.run_id, summary=result.answer, citations=result.citations, models=result.models
+                run_id=result.run_id,
+                summary=result.answer,
+                citations=result.citations,
+                models=result.models,
+                warnings=result.warnings,
             )
         if not job.write_back:
             return summary.run_id, None
@@ -277,7 +299,7 @@ class JobExecutor:
                 SummaryToWrite(
                     patient_id=job.patient_id,
                     run_id=summary.run_id,
-                    text=summary.summary,
+                    text=with_warnings(summary.summary, summary.warnings),
                     models=summary.models,
                     cited=[c.reference for c in summary.citations if c.valid],
                     requested_by=job.requested_by,

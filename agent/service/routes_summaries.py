@@ -197,6 +197,7 @@ async def read_summary(
         view.citations = summary.citations
         view.models = summary.models
         view.summary_readable = summary.readable
+        view.warnings = summary.warnings
     return view
 
 

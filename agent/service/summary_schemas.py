@@ -57,6 +57,10 @@ class SummaryJobView(JobRecord):
         description="Role -> model id of the run that wrote the summary",
         examples=[{"reasoner": "google/medgemma-4b-it", "scorer": "google/medsiglip-448"}],
     )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What the run could not read and went on without (a study, a record type, an attachment)",
+    )
     summary_readable: bool | None = Field(
         None,
         description="False when the trace holds the summary encrypted and this server has no content key for it",

@@ -36,13 +36,14 @@ def job_runtime(
     reasoner: Any = None,
     loader: Callable[[Any], LoadedModels] | None = None,
     fhir: dict[str, Any] | None = None,
+    dicom: dict[str, Any] | None = None,
     service: dict[str, Any] | None = None,
     **jobs: Any,
 ) -> AgentRuntime:
     """Return a runtime over the fixture patients with fast job timings (overridable via ``jobs``)."""
     settings = get_settings(
         fhir=fhir or {"bundle_dir": DEFAULT_FIXTURES / "fhir"},
-        dicom={"dicom_dir": DEFAULT_FIXTURES / "dicom"},
+        dicom=dicom or {"dicom_dir": DEFAULT_FIXTURES / "dicom"},
         db={"url": db_url},
         jobs={"poll_interval_s": 0.05, "backoff_s": 0.2, **jobs},
         service=service,

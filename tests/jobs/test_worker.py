@@ -24,7 +24,7 @@ from agent.inference.factory import LoadedModels
 from agent.jobs.queue import InProcessQueue
 from agent.jobs.store import claim_job, create_job, get_job
 from agent.jobs.tables import SummaryJob
-from agent.jobs.worker import JobExecutor, load_summary, retry_delay_s
+from agent.jobs.worker import JobExecutor, load_summary, retry_delay_s, with_warnings
 from tests.graph.test_ask_flow import FakeScorer, ScriptedReasoner
 from tests.jobs.helpers import PATIENTS, SlowReasoner, job_runtime, runs_of, wait_for_job
 from tests.support.servers import REPO_ROOT
@@ -74,6 +74,25 @@ async def test_a_job_runs_the_traced_agent_and_its_summary_stays_in_the_trace(tm
     with runtime.engine.connect() as conn:
         row = conn.execute(select(SummaryJob.__table__).where(SummaryJob.id == job.id)).one()
     assert "heart failure" not in repr(row)
+
+
+async def test_a_summary_says_what_its_run_could_not_read(tmp_path: Path) -> None:
+    # the imaging archive holds none of the patient's studies: the summary is written all the same,
+    # and it (and the copy written back to the record) says which study was not read
+    empty = tmp_path / "empty-archive"
+    empty.mkdir()
+    runtime = job_runtime(_sqlite(tmp_path), dicom={"dicom_dir": empty})
+    runtime.ensure_schema()
+    job, _ = create_job(runtime.engine, patient_id=CXR, trigger="subscription", max_attempts=1)
+    done = await _run_queue(InProcessQueue(runtime, lease_s=5), runtime, job.id)
+
+    assert done.status == "done"
+    summary = load_summary(runtime, done.run_id)
+    [warning] = summary.warnings
+    assert warning.startswith("ImagingStudy/") and "not found in the imaging source" in warning
+    written = with_warnings(summary.summary, summary.warnings)
+    assert written.startswith(summary.summary.rstrip()) and written.endswith(f"Not read for this summary:\n- {warning}")
+    assert with_warnings("text", []) == "text"
 
 
 def test_retry_delays_double_with_jitter() -> None:

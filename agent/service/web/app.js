@@ -665,6 +665,8 @@ function showSummaryState(state, message, { retry = false } = {}) {
   clear($("summary-text"));
   clear($("summary-citations"));
   $("summary-citations-box").hidden = true;
+  clear($("summary-warnings"));
+  $("summary-warnings").hidden = true;
   $("summary-models").textContent = "";
   $("summary-disclaimer").hidden = true;
   $("summary-retry").hidden = !retry;
@@ -724,6 +726,9 @@ function renderSummaryJob(job) {
     renderCitedText($("summary-text"), job.run_id, job.summary || "", job.citations);
     renderCitationList($("summary-citations"), $("summary-citations-box"), job.run_id, job.citations);
   }
+  // what the run could not read (a study, a record type): the reader must know the summary is partial
+  for (const warning of job.warnings || []) $("summary-warnings").append(el("li", { text: warning }));
+  $("summary-warnings").hidden = !$("summary-warnings").children.length;
   const written = job.write_back_ref ? ` · saved to the record as ${job.write_back_ref}` : "";
   $("summary-models").textContent = `Written by ${describeModels(job.models)} · run ${job.run_id}${written}`;
   $("summary-disclaimer").textContent = $("disclaimer").textContent;
