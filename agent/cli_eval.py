@@ -7,6 +7,14 @@ transformers only when run, so ``medagent --help`` stays fast.
 ``eval``: the fixtures (bundle folder and DICOM folder) are the sources; traces go to a
 throwaway SQLite file unless ``--db`` names a database. With ``--json`` exactly one JSON object
 is printed.
+
+``eval --data DIR``: every patient of a folder of bundles (read in place) gets questions with
+gold ids computed from its own record (agent/eval/generated.py), each asked at the configured
+context budget and at a tight one (agent/eval/record_eval.py). FHIR is read from a scratch
+folder holding one symlink to the bundle in hand; the DICOM folder is an empty scratch folder
+(bundles carry no pixels, so a record's ImagingStudy cannot be located: a degraded run, not a
+failed one); no similar-case index, which is a property of a deployment, not of the record. The
+last line printed is JSON, with or without ``--json``.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import typer
 
 from agent.cli_support import fail, settings_with, source_groups
 from agent.config import DEFAULT_FIXTURES, Settings
-from agent.errors import MedagentError
+from agent.errors import ConfigError, MedagentError
 
 
 def eval_settings(*, db: str | None, test_models: bool, scratch: Path) -> Settings:
@@ -33,6 +41,56 @@ def eval_settings(*, db: str | None, test_models: bool, scratch: Path) -> Settin
     return settings_with(groups)
 
 
+def data_eval_settings(*, db: str | None, test_models: bool, scratch: Path, budget: int | None = None) -> Settings:
+    """Return the settings of one side of ``eval --data``: scratch FHIR and DICOM folders, a budget.
+
+    Args:
+        db: the trace database URL, or None for a SQLite file in ``scratch``.
+        test_models: force the tiny random-weight models.
+        scratch: the run's scratch folder; FHIR is read from ``scratch/record``.
+        budget: the context budget in tokens, or None for the configured one.
+    """
+    groups = source_groups(fhir_dir=scratch / "record", dicom_dir=scratch / "dicom")
+    groups["db"] = {"url": db or f"sqlite:///{scratch / 'eval-trace.db'}"}
+    groups["imaging"] = {"similar_cases": 0}
+    models: dict[str, object] = {"use_test_models": True} if test_models else {}
+    if budget is not None:
+        models["context_token_budget"] = budget
+    groups["models"] = models
+    return settings_with(groups)
+
+
+def _data_eval(
+    data: Path, *, records: int | None, db: str | None, test_models: bool, as_json: bool, scratch: Path
+) -> None:
+    """Run ``eval --data`` and print its report (the last line JSON either way)."""
+    from agent.eval.record_eval import TIGHT_BUDGET, run_record_eval, shared_models
+    from agent.eval.record_report import format_record_report
+    from agent.runtime import AgentRuntime
+
+    (scratch / "record").mkdir()
+    (scratch / "dicom").mkdir()
+    models = shared_models()
+    runtimes: list[AgentRuntime] = []
+    try:
+        for budget in (None, TIGHT_BUDGET):
+            settings = data_eval_settings(db=db, test_models=test_models, scratch=scratch, budget=budget)
+            runtimes.append(AgentRuntime(settings=settings, models=models))
+        report = asyncio.run(
+            run_record_eval(runtimes[0], runtimes[1], data, records=records, progress=lambda s: typer.echo(s, err=True))
+        )
+    except MedagentError as exc:
+        fail(exc, as_json=as_json)
+    finally:
+        for runtime in runtimes:  # the SQLite file lives in the scratch folder removed next
+            runtime.engine.dispose()
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+    else:
+        for line in format_record_report(report):
+            typer.echo(line)
+
+
 def eval_command(
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Ask only the first N questions.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -41,12 +99,35 @@ def eval_command(
     oracle_plan: Annotated[
         bool, typer.Option("--oracle-plan", help="Give the agent the gold facts' record types as its plan.")
     ] = False,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            exists=True,
+            file_okay=False,
+            help="A folder of FHIR bundles: questions and gold ids are generated from each patient's record.",
+        ),
+    ] = None,
+    records: Annotated[
+        int | None, typer.Option("--records", min=1, help="With --data: only the first N records (files by name).")
+    ] = None,
 ) -> None:
-    """Score the agent on the fixture question set: recall, citations, exact match, calls, tokens, latency."""
+    """Score the agent on the fixture question set, or (--data) on questions generated from any folder of bundles."""
     from agent.eval.harness import run_eval
     from agent.eval.report import format_report
     from agent.runtime import AgentRuntime
 
+    if data is not None and (limit is not None or oracle_plan):
+        fail(
+            ConfigError("--limit and --oracle-plan apply to the fixture eval; with --data use --records"),
+            as_json=as_json,
+        )
+    if data is None and records is not None:
+        fail(ConfigError("--records applies to --data"), as_json=as_json)
+    if data is not None:
+        with tempfile.TemporaryDirectory(prefix="medagent-eval-") as scratch:
+            _data_eval(data, records=records, db=db, test_models=test_models, as_json=as_json, scratch=Path(scratch))
+        return
     with tempfile.TemporaryDirectory(prefix="medagent-eval-") as scratch:
         runtime: AgentRuntime | None = None
         try:
