@@ -717,8 +717,8 @@ def make_lines(resources: Iterable[Resource], renderer: Renderer) -> tuple[list[
     unreadable: list[str] = []
     for resource in resources:
         spec = SECTION_BY_TYPE.get(str(resource.get("resourceType")))
-        if spec is None:
-            continue
+        if spec is None or _status_code(resource.get("status")) == "entered-in-error":
+            continue  # an entry recorded by mistake is not a fact about the patient
         try:
             item = Item(resource, spec.when(resource), spec.active(resource))
             key = _series_key(spec, resource) if spec.series else f"{resource['resourceType']}/{resource['id']}"
