@@ -17,7 +17,6 @@ not see these patients.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from tests.support.servers import (
     load_fhir_bundles,
     start_fhir_server,
 )
+from tests.support.shared_data import synthea_dir_or_skip
 
 pytestmark = pytest.mark.servers
 
@@ -141,11 +141,7 @@ def choose_records(folder: Path) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def real_records(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealRecords]:
     """Load the chosen Synthea bundles into a FHIR engine of this module's own and link them into a folder."""
-    if not any(SYNTHEA_DIR.glob("*.json")):
-        message = f"no Synthea bundles in {SYNTHEA_DIR}"
-        if os.environ.get("CI"):  # CI runs with ../shared beside the clone: their absence is a fault
-            pytest.fail(f"{message}; CI must not skip the real-record tests", pytrace=False)
-        pytest.skip(f"SKIPPING REAL-RECORD TESTS: {message}")
+    synthea_dir_or_skip()
     chosen = {role: _read_record(path) for role, path in choose_records(SYNTHEA_DIR).items()}
     folder = tmp_path_factory.mktemp("synthea-folder")
     for record in {r.path: r for r in chosen.values()}.values():

@@ -35,8 +35,9 @@ from agent.inference.labels import LabelSet
 from agent.inference.protocols import GenerationRequest, GenerationResult, ModelIdentity
 from agent.runtime import AgentRuntime
 from tests.eval.hand_bundle import write_hand_bundle
+from tests.support.shared_data import SYNTHEA_DIR, synthea_dir_or_skip
 
-SYNTHEA = Path(__file__).resolve().parents[3] / "shared" / "data" / "synthea-r4"
+SYNTHEA = SYNTHEA_DIR
 LAST_LINE_KEYS = {"runs", "failed", "recall", "recall_tight", "by_kind", "context_tokens_median"}
 
 
@@ -205,8 +206,7 @@ def test_cli_runs_a_real_bundle_and_ends_with_the_json_summary(
 
     from agent.cli_eval import eval_command
 
-    if not SYNTHEA.is_dir():
-        pytest.skip(f"{SYNTHEA} is not here")
+    synthea_dir_or_skip()
     bundle = _smallest_bundle_with(SYNTHEA, "ImagingStudy", "Immunization", "MedicationRequest")
     data = tmp_path / "data"
     data.mkdir()

@@ -30,11 +30,12 @@ from agent.runner import AgentRuntime, ModelCache, run_ask
 from agent.sources.pixels import prepare_instance
 from tests.sources.test_dicomweb import make_dx
 from tests.support.fault_proxy import Fault, FaultProxy
-from tests.support.servers import REPO_ROOT, FhirServerHandle, OrthancHandle, stow_dicom
+from tests.support.servers import FhirServerHandle, OrthancHandle, stow_dicom
+from tests.support.shared_data import SYNTHEA_DIR, synthea_dir_or_skip
 
 PATIENT = "degrade-patient"
 QUESTION = "What is the most recent hemoglobin A1c result?"
-SYNTHEA = REPO_ROOT.parent / "shared" / "data" / "synthea-r4"  # ../shared/data, read in place
+SYNTHEA = SYNTHEA_DIR  # ../shared/data, read in place
 ELEONOR = "Eleonor_Becker_c67244e9-b850-4b4f-9691-5d04c250f6f7.json"
 ELEONOR_ID = "11f2a4d0-59e9-48ca-9495-6d0da2498d66"
 MANIFEST = json.loads((DEFAULT_FIXTURES / "manifest.json").read_text())
@@ -463,10 +464,10 @@ async def test_a_programming_error_in_the_imaging_half_still_fails_the_run(
 # -- a real record nobody here wrote ----------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (SYNTHEA / ELEONOR).is_file(), reason="the shared Synthea bundles are not on this machine")
 async def test_a_synthea_patient_gets_an_a1c_answer_despite_unlocatable_imaging(
     tmp_path: Path, runtime_for: Any
 ) -> None:
+    synthea_dir_or_skip()
     folder = tmp_path / "synthea"
     folder.mkdir()
     (folder / ELEONOR).symlink_to(SYNTHEA / ELEONOR)  # read in place, never copied
