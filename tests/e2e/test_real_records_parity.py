@@ -34,6 +34,7 @@ from agent.audit.reader import load_run
 from agent.config import get_settings
 from agent.domain.answer import AskResult
 from agent.domain.events import NullObserver
+from agent.graph.state import HISTORY_TYPES
 from agent.runner import AgentRuntime, run_ask
 from agent.sources.fhir_bundle_dir import BundleDirFhirSource
 from agent.sources.fhir_http import HttpFhirSource
@@ -48,30 +49,13 @@ from tests.support.servers import (
     load_fhir_bundles,
     start_fhir_server,
 )
-from tests.support.shared_data import synthea_dir_or_skip
+from tests.support.shared_data import SYNTHEA_DIR, synthea_dir_or_skip
 
 pytestmark = pytest.mark.servers
 
-SYNTHEA_DIR = REPO_ROOT.parent / "shared" / "data" / "synthea-r4"
 
-#: Every type the agent reads per patient (today's and the ones issue 13 adds), by ``Type?patient=``.
-PATIENT_TYPES = (
-    "Condition",
-    "Observation",
-    "MedicationRequest",
-    "AllergyIntolerance",
-    "Encounter",
-    "DiagnosticReport",
-    "DocumentReference",
-    "ImagingStudy",
-    "Procedure",
-    "Immunization",
-    "CarePlan",
-    "Goal",
-    "Device",
-    "FamilyMemberHistory",
-    "ServiceRequest",
-)
+#: Every type the agent reads per patient, by ``Type?patient=``.
+PATIENT_TYPES = HISTORY_TYPES
 #: The R4 element that points at the patient, where it is not ``subject``.
 PATIENT_FIELD = {
     "AllergyIntolerance": "patient",
